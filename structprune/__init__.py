@@ -1,0 +1,10 @@
+"""structprune: structured pruning that makes PyTorch models genuinely smaller."""
+from . import ops as ops  # noqa: F401  (fills the rule registry)
+from .graph.depgraph import DependencyGraph as DependencyGraph, trace as trace
+from .graph.group import Group as Group, Member as Member, Unit as Unit
+from .errors import (ModelError as ModelError, PlanError as PlanError,
+                     StructpruneError as StructpruneError, StructpruneWarning as StructpruneWarning,
+                     TraceError as TraceError, UnsupportedOpError as UnsupportedOpError)
+from .plan import Plan as Plan
+
+__version__ = "0.1.0"

@@ -1,0 +1,152 @@
+"""Physical pruning: one slicing pass over parameters and buffers, then module attributes and
+literal shape arguments, checked node by node against the shapes the plan implies.
+
+The pass runs the graph once on the example inputs. Before each node runs, its rule's ``update``
+adjusts module attributes (``in_channels``) or rewrites literal arguments that no longer match
+(``view(B, 8, 3, 16)`` after a head is removed); after it runs, its output shape must equal the
+shape the plan implies, or the pass raises. A wrong model is never returned silently.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import UnsupportedOpError
+from .graph.coupling import Space
+from .graph.trace import eval_mode, placeholder_values
+from .plan import Plan
+
+
+def _owner(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    path, _, name = qualname.rpartition(".")
+    return (root.get_submodule(path) if path else root), name
+
+
+def slice_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]) -> None:
+    """Remove the dropped indices from every parameter, buffer and tensor attribute of ``root``."""
+    by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for s, idx in dropped.items():
+        if s.is_param and len(idx):
+            by_tensor.setdefault(s.key[1:], []).append((s.dim, idx))
+    for qual, dims in by_tensor.items():
+        owner, name = _owner(root, qual)
+        t = getattr(owner, name)
+        new = t.detach()
+        for dim, idx in dims:
+            keep = np.setdiff1d(np.arange(new.shape[dim]), idx)
+            new = new.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=t.device))
+        new = new.clone().contiguous()
+        if isinstance(t, nn.Parameter):
+            setattr(owner, name, nn.Parameter(new, requires_grad=t.requires_grad))
+        elif name in owner._buffers:
+            owner._buffers[name] = new
+        else:
+            setattr(owner, name, new)
+
+
+class ApplyContext:
+    """What a rule's ``update`` sees: old and new shapes, dropped indices, current values."""
+
+    def __init__(self, node: fx.Node, module: Optional[nn.Module], env: dict[fx.Node, Any],
+                 shapes: dict[str, Any], dropped: dict[Space, np.ndarray]) -> None:
+        self.node, self.module, self._env = node, module, env
+        self._shapes, self._dropped = shapes, dropped
+
+    def value(self, a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return self._env.get(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.value(x) for x in a)
+        return a
+
+    def dropped(self, space: Space) -> np.ndarray:
+        return self._dropped.get(space, np.zeros(0, dtype=np.int64))
+
+    def old_shape(self, a: Any) -> Optional[tuple[int, ...]]:
+        s = self._shapes.get(a.name)
+        return tuple(s) if isinstance(s, torch.Size) else None
+
+    def new_shape(self, a: Any) -> Optional[tuple[int, ...]]:
+        s = self.old_shape(a)
+        if s is None:
+            return None
+        return tuple(n - len(self.dropped(Space(a.name, d))) for d, n in enumerate(s))
+
+    def old_items(self, a: Any) -> Optional[list]:
+        s = self._shapes.get(a.name)
+        return [tuple(x) if x is not None else None for x in s] if isinstance(s, list) else None
+
+    def new_items(self, a: Any) -> Optional[list]:
+        items = self.old_items(a)
+        if items is None:
+            return None
+        return [None if s is None else tuple(
+            n - len(self.dropped(Space(f"{a.name}#{k}", d))) for d, n in enumerate(s))
+            for k, s in enumerate(items)]
+
+    def set_arg(self, i: int, name: str, value: Any) -> None:
+        n = self.node
+        if len(n.args) > i:
+            args = list(n.args)
+            args[i] = value
+            n.args = tuple(args)
+        else:
+            kwargs = dict(n.kwargs)
+            kwargs[name] = value
+            n.kwargs = kwargs
+
+
+class _Applier(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, rules: dict[str, Any], shapes: dict[str, Any],
+                 dropped: dict[Space, np.ndarray]) -> None:
+        super().__init__(gm)
+        self.node_rules, self.shapes, self.dropped_idx = rules, shapes, dropped
+        self.modules = dict(gm.named_modules())
+
+    def run_node(self, n: fx.Node) -> Any:
+        rule = self.node_rules.get(n.name)
+        module = self.modules.get(str(n.target)) if n.op == "call_module" else None
+        actx = ApplyContext(n, module, self.env, self.shapes, self.dropped_idx)
+        if rule is not None:
+            try:
+                rule.update(actx)
+            except NotImplementedError as exc:
+                raise UnsupportedOpError(f"cannot apply the plan at {n.format_node()}: {exc}. "
+                                         f"Freeze this op (ignore=/leaf_modules=).") from exc
+        out = super().run_node(n)
+        self._check(n, out, actx)
+        return out
+
+    def _check(self, n: fx.Node, out: Any, actx: ApplyContext) -> None:
+        if isinstance(out, torch.Tensor):
+            want = actx.new_shape(n)
+            got = tuple(out.shape)
+        elif actx.old_items(n) is not None and isinstance(out, (tuple, list)):
+            want = actx.new_items(n)
+            got = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in out]
+        else:
+            return
+        if want is not None and got != want:
+            raise UnsupportedOpError(
+                f"after slicing, node {n.format_node()} produced shape {got} where the plan "
+                f"implies {want}. Its rule cannot express this plan; freeze the op (ignore=, "
+                f"leaf_modules=) or register a rule for it. Nothing was returned.")
+
+
+def apply_plan(plan: Plan, target: fx.GraphModule, example_inputs: tuple[tuple, dict]) -> fx.GraphModule:
+    """Slice ``target`` (a copy of ``plan.graph.graph_module``) according to ``plan`` in place."""
+    graph = plan.graph
+    dropped = plan.dropped_indices()
+    slice_tensors(target, dropped)
+    args, kwargs = example_inputs
+    applier = _Applier(target, graph.node_rules, graph.shapes, dropped)
+    with torch.no_grad(), eval_mode(target):
+        applier.run(*placeholder_values(target, args, kwargs))
+    target.graph.lint()
+    target.recompile()
+    return target

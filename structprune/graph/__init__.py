@@ -1,0 +1,1 @@
+"""Tracing, coupling and grouping."""

@@ -1,0 +1,196 @@
+"""Spaces, the coupling records op rules emit, and the connected-components solver.
+
+A *space* is one dimension of one tensor the trace sees: an fx node's output (``"conv1", 1``), one
+item of a node's tuple output (``"split#0", 1``) or a parameter/buffer (``"@layer1.0.conv1.weight",
+0``). Every index of every space is one element of a union-find; op rules say which elements are
+the same unit (:class:`Couple`), which may never be removed (:class:`Freeze`), and, where an op can
+be coupled in several valid ways, which alternatives exist (:class:`Choice`). The connected
+components of that relation are the units: the sets of indices that must be removed together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+
+@dataclass(frozen=True, order=True)
+class Space:
+    """One dimension of one tensor: ``key`` is a node name, ``node#item`` or ``@param.qualname``."""
+
+    key: str
+    dim: int
+
+    @property
+    def is_param(self) -> bool:
+        return self.key.startswith("@")
+
+    @property
+    def node_name(self) -> str:
+        return self.key.split("#", 1)[0]
+
+    def __repr__(self) -> str:
+        return f"{self.key}[{self.dim}]"
+
+
+IndexLike = Union[np.ndarray, Sequence[int], None]
+
+
+@dataclass(frozen=True)
+class Couple:
+    """``a`` index ``a_idx[k]`` is the same unit as ``b`` index ``b_idx[k]`` (``None`` = all)."""
+
+    a: Space
+    b: Space
+    a_idx: IndexLike = None
+    b_idx: IndexLike = None
+
+    @staticmethod
+    def block(a: Space, b: Space, n: int, size: int) -> "Couple":
+        """``a`` index i is the same unit as ``b`` indices ``i*size .. (i+1)*size-1``."""
+        return Couple(a, b, np.repeat(np.arange(n), size), np.arange(n * size))
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """The indices ``idx`` (``None`` = all) of ``space`` may never be removed, because ``reason``."""
+
+    space: Space
+    reason: str
+    idx: IndexLike = None
+
+
+@dataclass(frozen=True)
+class Role:
+    """Say what a parameter dim is to its op (``out``, ``in``, ``norm``, ``bias``), for scorers."""
+
+    space: Space
+    role: str
+
+
+@dataclass
+class Choice:
+    """Alternative couplings of one op; the solver takes the first whose ``key`` space is not frozen.
+
+    A reshape that splits one dim into several (``3E -> (3, H, D)``) can tie the flat dim to any
+    one of the factors, and the others must then stay whole. Which factor is free is only known
+    once the rest of the graph is coupled, so the solver tries them in order.
+    """
+
+    options: list[tuple[Space, list]]
+    chosen: int = 0
+
+
+Record = Union[Couple, Freeze, Role, Choice]
+
+
+class SpaceTable:
+    """Give every index of every space a global element id; id 0 is the frozen sentinel."""
+
+    def __init__(self) -> None:
+        self.offset: dict[Space, int] = {}
+        self.size: dict[Space, int] = {}
+        self.order: list[Space] = []
+        self.total = 1
+
+    def add(self, space: Space, n: int) -> None:
+        if space not in self.offset:
+            self.offset[space] = self.total
+            self.size[space] = n
+            self.order.append(space)
+            self.total += n
+
+    def __contains__(self, space: Space) -> bool:
+        return space in self.offset
+
+    def ids(self, space: Space, idx: IndexLike) -> np.ndarray:
+        n = self.size[space]
+        if idx is None:
+            return np.arange(n, dtype=np.int64) + self.offset[space]
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"index out of range for space {space!r} of size {n}")
+        return idx + self.offset[space]
+
+    def starts(self) -> np.ndarray:
+        return np.array([self.offset[s] for s in self.order], dtype=np.int64)
+
+
+@dataclass
+class Solution:
+    """The components: ``label[e]`` for every element id, ``frozen_label`` is the sentinel's."""
+
+    label: np.ndarray
+    frozen_label: int
+    freeze_reasons: dict[Space, str] = field(default_factory=dict)
+
+    def is_frozen(self, ids: np.ndarray) -> np.ndarray:
+        return self.label[ids] == self.frozen_label
+
+
+def _edges(table: SpaceTable, records: Iterable[Record], reasons: dict[Space, str]):
+    a_parts, b_parts = [], []
+    for r in records:
+        if isinstance(r, Couple):
+            if r.a not in table or r.b not in table:
+                continue
+            a, b = table.ids(r.a, r.a_idx), table.ids(r.b, r.b_idx)
+            if a.shape != b.shape:
+                raise ValueError(f"coupling {r.a!r} ~ {r.b!r} has {a.size} vs {b.size} indices")
+            a_parts.append(a)
+            b_parts.append(b)
+        elif isinstance(r, Freeze):
+            if r.space not in table:
+                continue
+            ids = table.ids(r.space, r.idx)
+            a_parts.append(ids)
+            b_parts.append(np.zeros_like(ids))
+            reasons.setdefault(r.space, r.reason)
+        elif isinstance(r, Choice):
+            a, b = _edges(table, r.options[r.chosen][1], reasons)
+            a_parts.append(a)
+            b_parts.append(b)
+    if not a_parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(a_parts), np.concatenate(b_parts)
+
+
+def _components(total: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
+    data = np.ones(a.size, dtype=np.int8)
+    mat = coo_matrix((data, (a, b)), shape=(total, total)).tocsr()
+    _, label = connected_components(mat, directed=False)
+    return label, int(label[0])
+
+
+def solve(table: SpaceTable, records: list[Record], max_rounds: int = 8) -> Solution:
+    """Compute the connected components, resolving every :class:`Choice` to a free option.
+
+    Each round couples everything with the current choices; a choice whose key space came out
+    frozen moves to its next option. Any fixed point is correct (every option is a valid coupling);
+    the iteration only looks for the one that leaves the most to prune.
+    """
+    choices = [r for r in records if isinstance(r, Choice)]
+    tried = {id(c): {c.chosen} for c in choices}
+    for _ in range(max_rounds):
+        reasons: dict[Space, str] = {}
+        a, b = _edges(table, records, reasons)
+        label, frozen = _components(table.total, a, b)
+        changed = False
+        for c in choices:
+            key = c.options[c.chosen][0]
+            if key in table and label[table.offset[key]] == frozen:
+                for k in range(len(c.options)):
+                    if k not in tried[id(c)]:
+                        c.chosen = k
+                        tried[id(c)].add(k)
+                        changed = True
+                        break
+        if not changed:
+            return Solution(label, frozen, reasons)
+    reasons = {}
+    a, b = _edges(table, records, reasons)
+    label, frozen = _components(table.total, a, b)
+    return Solution(label, frozen, reasons)

@@ -1,0 +1,267 @@
+"""The dependency graph: trace -> spaces -> couplings -> components -> groups.
+
+``trace(model, example_inputs)`` is the entry point. It captures the model, records shapes, asks
+every node's rule for its couplings, freezes what no rule vouches for, solves the components in
+one vectorised pass and builds the groups.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import PlanError
+from ..ops.registry import CoupleContext, Frozen, OpRule, RuleKey, describe, lookup, registry
+from .coupling import Choice, Couple, Freeze, Record, Role, Solution, Space, SpaceTable, solve
+from .group import Group, build_groups
+from .trace import ExampleInputs, capture, check_model, normalize_inputs, record_shapes
+
+
+@dataclass(frozen=True)
+class FrozenEntry:
+    """A node whose tensors (or some dims of them) may not be pruned, and why."""
+
+    node: str
+    op: str
+    reason: str
+
+    def __repr__(self) -> str:
+        return f"{self.node} ({self.op}): {self.reason}"
+
+
+def _spaces_of(node_name: str, shape: Any) -> list[tuple[Space, int]]:
+    if isinstance(shape, torch.Size):
+        return [(Space(node_name, d), n) for d, n in enumerate(shape)]
+    if isinstance(shape, list):
+        out = []
+        for k, s in enumerate(shape):
+            if s is not None:
+                out += [(Space(f"{node_name}#{k}", d), n) for d, n in enumerate(s)]
+        return out
+    return []
+
+
+def _mentioned(records: Iterable[Record]) -> set[Space]:
+    out: set[Space] = set()
+    for r in records:
+        if isinstance(r, Couple):
+            out.update((r.a, r.b))
+        elif isinstance(r, Freeze):
+            out.add(r.space)
+        elif isinstance(r, Choice):
+            for _, opt in r.options:
+                out |= _mentioned(opt)
+    return out
+
+
+class DependencyGraph:
+    """The coupled view of one model: spaces, units, groups and what is frozen.
+
+    Attributes:
+        model: the model that was traced (not copied).
+        graph_module: the traced ``fx.GraphModule``; it shares the model's submodules. Node names
+            are stable: tracing the same model twice gives the same names.
+        shapes: output shape of every tensor node (a list for tuple outputs).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: ExampleInputs,
+                 rules: Optional[dict[RuleKey, OpRule]] = None, leaf_modules: Iterable[Any] = (),
+                 ignore: Iterable[nn.Module] = ()) -> None:
+        check_model(model)
+        self.model = model
+        self.rules = registry()
+        self.rules.update(rules or {})
+        self.args, self.kwargs = normalize_inputs(example_inputs)
+        self.graph_module = capture(model, self.rules, leaf_modules)
+        self.shapes, self.values = record_shapes(self.graph_module, self.args, self.kwargs,
+                                                 type(model).__name__)
+        self.modules = dict(self.graph_module.named_modules())
+        self._ignored = self._resolve_ignore(ignore)
+        self.table = SpaceTable()
+        self.node_rules: dict[str, OpRule] = {}
+        self.records: list[Record] = []
+        self.roles: dict[Space, str] = {}
+        self._frozen: list[FrozenEntry] = []
+        self._build()
+        self.solution: Solution = solve(self.table, self.records)
+        self._groups = build_groups(self.table, self.solution, self.roles)
+
+    # --- construction --------------------------------------------------------------------------
+    def _resolve_ignore(self, ignore: Iterable[nn.Module]) -> set[str]:
+        by_id = {id(m): name for name, m in self.model.named_modules()}
+        out = set()
+        for m in ignore:
+            if not isinstance(m, nn.Module) or id(m) not in by_id:
+                what = type(m).__name__ if isinstance(m, nn.Module) else repr(m)
+                raise PlanError(f"ignore entry {what} is not a submodule of "
+                                f"{type(self.model).__name__}; pass modules of the model being "
+                                f"pruned (e.g. ignore=[model.fc])")
+            out.add(by_id[id(m)])
+        return out
+
+    def _add_spaces(self) -> None:
+        for n in self.graph_module.graph.nodes:
+            for space, size in _spaces_of(n.name, self.shapes.get(n.name)):
+                self.table.add(space, size)
+        for name, t in list(self.graph_module.named_parameters()) + list(
+                self.graph_module.named_buffers()):
+            for d, size in enumerate(t.shape):
+                self.table.add(Space("@" + name, d), size)
+        for n in self.graph_module.graph.nodes:  # tensor constants and plain tensor attributes
+            if n.op == "get_attr" and isinstance(self.shapes.get(n.name), torch.Size):
+                for d, size in enumerate(self.shapes[n.name]):
+                    self.table.add(Space("@" + str(n.target), d), size)
+
+    def _node_spaces(self, n: fx.Node) -> list[Space]:
+        return [s for s, _ in _spaces_of(n.name, self.shapes.get(n.name))]
+
+    def _build(self) -> None:
+        self._add_spaces()
+        mentioned_params: set[Space] = set()
+        for n in self.graph_module.graph.nodes:
+            recs = self._couple_node(n)
+            if n.op == "call_module" and n.target in self._ignored:
+                recs += [Freeze(s, "ignored by the user") for s in self._node_spaces(n)]
+                self._frozen.append(FrozenEntry(n.name, describe(n), "ignored by the user"))
+            mentioned = _mentioned(recs)
+            mentioned_params |= {s for s in mentioned if s.is_param}
+            self.records += recs
+        for s in self.table.order:
+            if s.is_param and s not in mentioned_params:
+                self.records.append(Freeze(s, "no rule couples this parameter dim"))
+
+    def _couple_node(self, n: fx.Node) -> list[Record]:
+        if n.op == "placeholder":
+            return [Freeze(s, "graph input") for s in self._node_spaces(n)]
+        if n.op == "output":
+            recs: list[Record] = []
+            for a in n.all_input_nodes:
+                recs += [Freeze(s, "graph output") for s in self._node_spaces(a)]
+            return recs
+        if n.op == "get_attr":
+            return [Couple(s, Space("@" + str(n.target), s.dim)) for s in self._node_spaces(n)]
+        module = self.modules.get(str(n.target)) if n.op == "call_module" else None
+        rule = lookup(n, module, self.rules)
+        self.node_rules[n.name] = rule
+        own = self._node_spaces(n)
+        inputs = [s for a in n.all_input_nodes for s in self._node_spaces(a)]
+        if n.target is operator.getitem:  # indexing a tuple concerns only the item taken
+            inputs = [s for s in inputs if "#" not in s.key]
+        if isinstance(rule, Frozen):
+            if own or inputs:
+                self._frozen.append(FrozenEntry(n.name, describe(n), rule.reason))
+            return [Freeze(s, rule.reason) for s in own + inputs]
+        ctx = CoupleContext(n, module, self.shapes, self.values,
+                            str(n.target) if n.op == "call_module" else None)
+        recs = []
+        for r in rule.couple(ctx):
+            if isinstance(r, Role):
+                self.roles.setdefault(r.space, r.role)
+            else:
+                recs.append(r)
+                if isinstance(r, Freeze) and r.reason:
+                    entry = FrozenEntry(n.name, describe(n), r.reason)
+                    if entry not in self._frozen:
+                        self._frozen.append(entry)
+        mentioned = _mentioned(recs)
+        todo = own + (inputs if rule.freezes_unmentioned else [])
+        recs += [Freeze(s, "") for s in todo if s not in mentioned]
+        return recs
+
+    # --- queries -------------------------------------------------------------------------------
+    def groups(self) -> list[Group]:
+        """Every prunable group, in graph order."""
+        return list(self._groups)
+
+    def frozen(self) -> list[FrozenEntry]:
+        """Nodes that are frozen (no rule, a rule's caveat, graph I/O is implied) with reasons."""
+        return list(self._frozen)
+
+    def report_frozen(self) -> str:
+        return "\n".join(repr(e) for e in self._frozen) or "(nothing frozen)"
+
+    def space_size(self, space: Space) -> int:
+        return self.table.size[space]
+
+    def is_frozen(self, space: Space) -> bool:
+        ids = self.table.ids(space, None)
+        return bool(self.solution.is_frozen(ids).all())
+
+    def node(self, name: str) -> fx.Node:
+        for n in self.graph_module.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def to_networkx(self) -> Any:
+        """A ``networkx.DiGraph`` of the fx nodes, annotated with shapes, rules and groups.
+
+        Nodes carry ``op``, ``target``, ``shape``, ``rule`` and ``groups`` (ids of the groups
+        whose activation members live on the node); edges follow data flow.
+        """
+        import networkx as nx
+
+        g = nx.DiGraph()
+        node_groups: dict[str, set[int]] = {}
+        for grp in self._groups:
+            for m in grp.activations:
+                node_groups.setdefault(m.space.node_name, set()).add(grp.id)
+        for n in self.graph_module.graph.nodes:
+            rule = self.node_rules.get(n.name)
+            g.add_node(n.name, op=n.op, target=str(n.target),
+                       shape=tuple(self.shapes[n.name]) if isinstance(self.shapes.get(n.name),
+                                                                      torch.Size) else None,
+                       rule=type(rule).__name__ if rule is not None else None,
+                       groups=sorted(node_groups.get(n.name, ())))
+            for a in n.all_input_nodes:
+                g.add_edge(a.name, n.name)
+        return g
+
+    def lint(self) -> None:
+        """Check invariants: every unit has a parameter, members are sorted and in range."""
+        for grp in self._groups:
+            if not grp.params:
+                raise AssertionError(f"group {grp.id} has no parameter member")
+            for m in grp.members:
+                n = self.table.size[m.space]
+                if m.index.numel() and (int(m.index.min()) < 0 or int(m.index.max()) >= n):
+                    raise AssertionError(f"member {m!r} out of range {n}")
+                if m.index.numel() != m.index.unique().numel():
+                    raise AssertionError(f"member {m!r} repeats an index")
+                if set(m.unit.tolist()) - set(range(grp.num_units)):
+                    raise AssertionError(f"member {m!r} names a unit outside its group")
+
+    def __repr__(self) -> str:
+        return (f"DependencyGraph({type(self.model).__name__}: {len(self._groups)} groups, "
+                f"{sum(g.num_units for g in self._groups)} units, {len(self._frozen)} frozen)")
+
+
+def trace(model: nn.Module, example_inputs: ExampleInputs, *,
+          rules: Optional[dict[RuleKey, OpRule]] = None, leaf_modules: Iterable[Any] = (),
+          ignore: Iterable[nn.Module] = ()) -> DependencyGraph:
+    """Trace ``model`` on ``example_inputs`` into a :class:`DependencyGraph`.
+
+    Args:
+        model: any ``nn.Module`` in float32/float64 on a real device.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        rules: extra or overriding op rules for this call only, ``{nn.MyBlock: MyRule()}``.
+        leaf_modules: module classes or instances not to trace into (frozen unless ruled).
+        ignore: modules whose output dims must stay (e.g. the classifier).
+
+    Raises:
+        TraceError: the model cannot be traced or fails on the inputs (message names where).
+        ModelError: the model is on the meta device or in half precision.
+
+    Example:
+        >>> import torch, torch.nn as nn, structprune as sp
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> g = sp.trace(m, torch.randn(1, 3, 8, 8))
+        >>> [grp.num_units for grp in g.groups()]
+        [8]
+    """
+    return DependencyGraph(model, example_inputs, rules, leaf_modules, ignore)

@@ -1,0 +1,234 @@
+"""Capture a model as an fx graph whose leaves are the modules we have rules for, and record shapes.
+
+``capture`` runs ``torch.fx`` symbolic tracing with a :class:`Tracer` whose leaves are every module
+that has a rule (conv, linear, norms, ...) plus PyTorch's own leaf modules; ``nn.MultiheadAttention``
+is decomposed into functional ops so that its heads become visible (and prunable) in the graph.
+``record_shapes`` runs the graph once on the example inputs and keeps every node's output shape
+and every non-tensor value (``x.size(0)``, ``H // 2``) that shape arguments are built from.
+"""
+from __future__ import annotations
+
+import contextlib
+import linecache
+import operator
+import os
+import traceback
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import ModelError, TraceError
+from ..ops.registry import OpRule, RuleKey, has_module_rule
+
+ExampleInputs = Any  # a tensor, a tuple of positional inputs, or a dict of keyword inputs
+
+_LIB_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+    """Turn a tensor, tuple/list or dict of example inputs into ``(args, kwargs)``."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TraceError(f"example_inputs must be a tensor, a tuple of inputs or a dict of keyword "
+                     f"inputs, got {type(example_inputs).__name__}")
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse models we cannot analyse faithfully, naming the first offending tensor."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"expected an nn.Module, got {type(model).__name__}")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise ModelError(f"parameter '{name}' is on the meta device: there are no weights to "
+                             f"score or slice. Materialise the model first (model.to_empty("
+                             f"device='cpu') and load its state_dict).")
+        if t.is_floating_point() and t.dtype in (torch.float16, torch.bfloat16):
+            raise ModelError(f"parameter '{name}' is {t.dtype}: structprune analyses models in "
+                             f"float32/float64 (scores and the oracle lose precision in half, and "
+                             f"many CPU kernels lack it). Prune model.float() and convert the "
+                             f"pruned model back with .half() afterwards.")
+
+
+class Tracer(fx.Tracer):
+    """An fx tracer whose leaves are the modules with a rule (or named by the user).
+
+    ``nn.MultiheadAttention`` is traced through :func:`structprune.ops.attention.mha_forward`, a
+    functional equivalent, so that its heads appear as a reshape to ``(B, H, T, D)``.
+    """
+
+    def __init__(self, rules: dict[RuleKey, OpRule], leaf_modules: Iterable[Any] = ()) -> None:
+        super().__init__()
+        self.rules = rules
+        self.user_leaves = tuple(leaf_modules)
+        self._sp_path_stack: list[str] = []
+
+    def _is_user_leaf(self, m: nn.Module) -> bool:
+        return any(m is leaf or (isinstance(leaf, type) and isinstance(m, leaf))
+                   for leaf in self.user_leaves)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if self._is_user_leaf(m):
+            return True
+        if isinstance(m, nn.MultiheadAttention):
+            return False
+        if has_module_rule(m, self.rules):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        path = self.path_of_module(m)
+        self._sp_path_stack.append(path)
+        try:
+            if isinstance(m, nn.MultiheadAttention) and not self._is_user_leaf(m):
+                from ..ops.attention import mha_forward
+
+                def getp(name: str) -> Any:
+                    return self.create_proxy("get_attr", f"{path}.{name}" if path else name, (), {})
+
+                out = mha_forward(m, getp, *args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+                return self.create_proxy("call_module", path, args, kwargs)
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._sp_path_stack.pop()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """``file:line: code`` of the innermost frame outside torch and structprune."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        f = os.path.abspath(fr.filename)
+        if not f.startswith(_LIB_DIR) and not f.startswith(_TORCH_DIR):
+            code = (fr.line or linecache.getline(fr.filename, fr.lineno)).strip()
+            return f"{fr.filename}:{fr.lineno}: {code}"
+    return "(no frame outside torch)"
+
+
+def capture(model: nn.Module, rules: dict[RuleKey, OpRule], leaf_modules: Iterable[Any] = (),
+            concrete_args: Optional[dict] = None) -> fx.GraphModule:
+    """Symbolically trace ``model``; raise :class:`TraceError` naming the module and the code."""
+    tracer = Tracer(rules, leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises many types; all mean "could not capture"
+        where = tracer._sp_path_stack[-1] if tracer._sp_path_stack else "(top level)"
+        where = where or "(top level)"
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: in module '{where}' at "
+            f"{_user_frame(exc)}: {type(exc).__name__}: {exc}. If this module branches on tensor "
+            f"values or shapes, make it a leaf (sp.trace(model, x, leaf_modules=[its class])); it "
+            f"is then frozen unless you also give a rule (rules={{ItsClass: MyRule()}})."
+        ) from exc
+    _drop_unused(graph)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _drop_unused(graph: fx.Graph) -> None:
+    """Remove pure nodes nobody reads (e.g. attention weights an MHA caller discards).
+
+    In-place ops (``add_``, ``operator.iadd``) and module calls are kept whatever their users.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(graph.nodes)):
+            if n.users or n.op not in ("call_function", "call_method", "get_attr"):
+                continue
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+            if name.endswith("_") or name.startswith("i") and name[1:] in _INPLACE_OPERATORS:
+                continue
+            if n.op == "call_function" and n.target in (operator.setitem,):
+                continue
+            graph.erase_node(n)
+            changed = True
+
+
+_INPLACE_OPERATORS = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
+                      "lshift", "rshift", "matmul", "concat"}
+
+
+def _shape_of(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.shape
+    if isinstance(v, (tuple, list)) and v and any(isinstance(x, torch.Tensor) for x in v):
+        return [x.shape if isinstance(x, torch.Tensor) else None for x in v]
+    return None
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[str, Any] = {}
+        self.values: dict[str, Any] = {}
+        self.current: Optional[fx.Node] = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        out = super().run_node(n)
+        self.shapes[n.name] = _shape_of(out)
+        if not isinstance(out, torch.Tensor) and self.shapes[n.name] is None:
+            self.values[n.name] = out
+        return out
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run in eval mode (no running-stat updates, no dropout), then restore every module's flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """Order positional and keyword example inputs as the graph's placeholders expect."""
+    out, i = [], 0
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        name = str(n.target).lstrip("*")
+        if i < len(args):
+            out.append(args[i])
+            i += 1
+        elif name in kwargs:
+            out.append(kwargs[name])
+        elif n.args:
+            out.append(n.args[0])
+        else:
+            raise TraceError(f"no example input for the model's argument '{name}'")
+    if i < len(args):
+        raise TraceError(f"{len(args)} positional example inputs given, but the model's forward "
+                         f"takes {i}")
+    return out
+
+
+def record_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict,
+                  model_name: str = "model") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``gm`` once; return ``(shapes, values)`` keyed by node name."""
+    rec = _Recorder(gm)
+    inputs = placeholder_values(gm, args, kwargs)
+    try:
+        with torch.no_grad(), eval_mode(gm):
+            rec.run(*inputs)
+    except Exception as exc:
+        n = rec.current
+        where = n.format_node() if n is not None else "?"
+        stack = n.meta.get("stack_trace", "") if n is not None else ""
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
+        raise TraceError(
+            f"{model_name} failed on the example inputs (shapes {shapes}) at node {where}: "
+            f"{type(exc).__name__}: {exc}. Check that the example inputs have the shapes, dtypes "
+            f"and device the model expects.{(' ' + stack.strip().splitlines()[-1]) if stack else ''}"
+        ) from exc
+    return rec.shapes, rec.values

@@ -1,0 +1,95 @@
+"""Attention: ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
+
+Heads are pruned whole. ``nn.MultiheadAttention`` is traced through :func:`mha_forward`, a
+functional equivalent built from ``F.linear``, a reshape to ``(B, T, H, D)`` and
+``F.scaled_dot_product_attention``, so its heads are ordinary units of the graph (the reshape rule
+ties each head's ``D`` rows of the q/k/v projections and ``D`` columns of ``out_proj``) and the
+masked-activation oracle can check them. Variants it does not cover (``bias_k``, ``add_zero_attn``,
+separate k/v dims) stay a frozen leaf.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..graph.coupling import Couple, Record
+from .registry import CoupleContext, OpRule, register
+
+
+@register(F.scaled_dot_product_attention)
+class SDPARule(OpRule):
+    """``sdpa(q, k, v)``: batch and head dims shared by q, k, v and out; v's last dim is out's.
+
+    q/k's feature dim sets the softmax scale and the key positions are softmaxed over, so both
+    stay whole (a head is removed through its batch-like head dim instead).
+    """
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+        sq, sk, sv, so = ctx.shape(q), ctx.shape(k), ctx.shape(v), ctx.out_shape
+        if None in (sq, sk, sv, so):
+            return
+        nb = len(so) - 2
+        for t, st in ((q, sq), (k, sk), (v, sv)):
+            shift = len(st) - 2 - nb
+            for d in range(nb):
+                if d + shift >= 0 and st[d + shift] == so[d]:
+                    yield Couple(ctx.space(t, d + shift), ctx.out(d))
+        yield Couple(ctx.space(q, -2), ctx.out(-2))
+        yield Couple(ctx.space(v, -1), ctx.out(-1))
+
+    def macs(self, mctx: Any) -> int:
+        q, k, v = mctx.node.args[:3]
+        sq, sk, sv = mctx.shape(q), mctx.shape(k), mctx.shape(v)
+        if None in (sq, sk, sv):
+            return 0
+        return math.prod(sq[:-1]) * sk[-2] * (sq[-1] + sv[-1])
+
+
+def mha_forward(m: nn.MultiheadAttention, getp: Any, query: Any, key: Any, value: Any,
+                key_padding_mask: Optional[Any] = None, need_weights: bool = True,
+                attn_mask: Optional[Any] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Any:
+    """``nn.MultiheadAttention.forward`` written with traceable functional ops.
+
+    ``getp(name)`` returns the graph value of the module's parameter ``name``. Returns
+    ``NotImplemented`` for configurations it does not cover; the module is then a frozen leaf.
+    """
+    if m.bias_k is not None or m.add_zero_attn or not m._qkv_same_embed_dim:
+        return NotImplemented
+    if key_padding_mask is not None or attn_mask is not None or is_causal:
+        return NotImplemented
+    if not m.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    heads, head_dim = m.num_heads, m.head_dim
+    wq, wk, wv = getp("in_proj_weight").chunk(3)
+    has_bias = m.in_proj_bias is not None
+    bq, bk, bv = getp("in_proj_bias").chunk(3) if has_bias else (None, None, None)
+    q = F.linear(query, wq, bq)  # [B, T, E]
+    k = F.linear(key, wk, bk)  # [B, S, E]
+    v = F.linear(value, wv, bv)
+    bsz, tgt = query.shape[0], query.shape[1]
+    src = key.shape[1]
+    q = q.reshape(bsz, tgt, heads, head_dim).transpose(1, 2)  # [B, H, T, D]
+    k = k.reshape(bsz, src, heads, head_dim).transpose(1, 2)
+    v = v.reshape(bsz, src, heads, head_dim).transpose(1, 2)
+    dropout = m.dropout if m.training else 0.0
+    if need_weights:
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))
+        attn = torch.softmax(scores, dim=-1)  # [B, H, T, S]
+        attn = F.dropout(attn, p=dropout, training=m.training)
+        out = torch.matmul(attn, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        attn = None
+    out = out.transpose(1, 2).reshape(bsz, tgt, heads * head_dim)
+    out = m.out_proj(out)
+    if not m.batch_first:
+        out = out.transpose(0, 1)
+    if attn is not None and average_attn_weights:
+        attn = attn.mean(dim=1)
+    return out, attn

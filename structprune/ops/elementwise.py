@@ -1,0 +1,193 @@
+"""Element-wise ops (with broadcasting), activations, dropout, reductions and softmax.
+
+Masking a channel to zero and removing it agree for these ops as long as every dim they mix
+across (a softmax axis, a mean's reduced dims) stays whole, so those dims are left uncoupled and
+therefore frozen.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..graph.coupling import Couple, Freeze, Record, Role
+from .registry import CoupleContext, OpRule, register
+
+
+def touch(ctx: CoupleContext, a: Any) -> Iterator[Freeze]:
+    """Mention every dim of ``a`` without coupling it (an input read only for its dtype/shape)."""
+    s = ctx.shape(a)
+    for d in range(len(s or ())):
+        yield Freeze(ctx.space(a, d), "", idx=np.zeros(0, dtype=np.int64))
+
+
+def broadcast(ctx: CoupleContext, inputs: list[Any], out: Any) -> Iterator[Couple]:
+    """Couple each input dim to the output dim it broadcasts to, unless it is stretched from 1."""
+    so = ctx.shape(out)
+    if so is None:
+        return
+    for a in inputs:
+        sa = ctx.shape(a)
+        if sa is None:
+            continue
+        shift = len(so) - len(sa)
+        for d, n in enumerate(sa):
+            if d + shift >= 0 and n == so[d + shift]:
+                yield Couple(ctx.space(a, d), ctx.space(out, d + shift))
+
+
+_UNARY_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+_UNARY_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu,
+    F.elu, F.selu, F.celu, F.mish, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid,
+    F.hardshrink, F.softshrink, F.threshold, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout, F.feature_alpha_dropout, F.sigmoid, F.tanh,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs, torch.neg,
+    torch.sqrt, torch.rsqrt, torch.square, torch.sin, torch.cos, torch.erf, torch.clamp, torch.clip,
+    torch.nan_to_num, torch.sign, torch.reciprocal, torch.log1p, torch.expm1, torch.floor,
+    torch.ceil, torch.round, torch.trunc, torch.frac, torch.logit, torch.clone, torch.detach,
+    operator.neg, operator.pos, operator.invert, abs,
+)
+_UNARY_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "abs", "abs_",
+    "neg", "sqrt", "rsqrt", "square", "sin", "cos", "erf", "clamp", "clamp_", "clip", "clip_",
+    "clamp_min", "clamp_max", "sign", "reciprocal", "log1p", "expm1", "floor", "ceil", "round",
+    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "cpu", "cuda",
+    "requires_grad_", "nan_to_num", "logit", "hardtanh", "hardtanh_", "zero_", "fill_",
+)
+
+
+@register(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)
+class UnaryRule(OpRule):
+    """Element-wise on one tensor (activations, dropout, casts): every dim maps to itself."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        x = ctx.arg(0, "input")
+        if ctx.shape(x) is not None and ctx.shape(x) == ctx.out_shape:
+            yield from ctx.identity(x, ctx.node)
+        for a in ctx.node.all_input_nodes[1:]:  # e.g. clamp(min=tensor): broadcast like binary
+            yield from broadcast(ctx, [a], ctx.node)
+
+
+@register("type_as", "new_tensor")
+class TypeAsRule(OpRule):
+    """``x.type_as(y)``: the output is ``x``; ``y`` is read only for its dtype."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        yield from ctx.identity(ctx.arg(0, "self"), ctx.node)
+        other = ctx.arg(1, "other")
+        if isinstance(other, fx.Node):
+            yield from touch(ctx, other)
+
+
+_BINARY = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+    operator.imul, operator.itruediv, operator.pow,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
+    torch.true_divide, torch.maximum, torch.minimum, torch.where, torch.pow, torch.lerp,
+    torch.addcmul, torch.addcdiv, torch.fmax, torch.fmin, torch.hypot, torch.atan2,
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "pow_",
+    "maximum", "minimum", "where", "lerp", "addcmul", "addcdiv", "masked_fill", "masked_fill_",
+)
+
+
+@register(*_BINARY)
+class BroadcastRule(OpRule):
+    """Element-wise on several tensors with broadcasting (``x + y``, SE blocks' ``x * s``).
+
+    A dim of size 1 stretched to the output's size stays uncoupled, and so frozen: its single
+    index feeds every output index.
+    """
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        yield from broadcast(ctx, ctx.node.all_input_nodes, ctx.node)
+
+
+@register(nn.PReLU)
+class PReLURule(OpRule):
+    """``nn.PReLU``: with one slope per channel the slope vector is part of the channel unit."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        x = ctx.arg(0, "input")
+        yield from ctx.identity(x, ctx.node)
+        if ctx.module.weight.numel() > 1:
+            ch = 1 if len(ctx.shape(x)) > 1 else 0
+            yield Couple(ctx.space(x, ch), ctx.param("weight", 0))
+            yield Role(ctx.param("weight", 0), "norm")
+
+    def update(self, actx: Any) -> None:
+        actx.module.num_parameters = actx.module.weight.numel()
+
+
+def _reduced_dims(dim: Any, ndim: int) -> Optional[set[int]]:
+    if dim is None:
+        return None
+    if isinstance(dim, int):
+        return {dim % ndim}
+    return {d % ndim for d in dim}
+
+
+@register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.prod,
+          torch.logsumexp, torch.norm, torch.max, torch.min, torch.argmax, torch.argmin,
+          torch.nansum, torch.nanmean, torch.all, torch.any,
+          "mean", "sum", "amax", "amin", "std", "var", "prod", "logsumexp", "norm", "max", "min",
+          "argmax", "argmin", "nansum", "nanmean", "all", "any")
+class ReduceRule(OpRule):
+    """Reductions over some dims: the kept dims map to the output, the reduced dims are frozen.
+
+    Reducing over a channel dim mixes channels (a mean divides by their count), so that dim must
+    stay whole. ``max(x, dim)`` returns ``(values, indices)``; both items follow the kept dims.
+    """
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        x = ctx.arg(0, "input")
+        sx = ctx.shape(x)
+        if sx is None:
+            return
+        name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+        dim_pos = 2 if name in ("norm",) else 1
+        dim = ctx.arg(dim_pos, "dim")
+        if name in ("max", "min") and isinstance(dim, fx.Node):  # torch.max(x, y): binary
+            yield from broadcast(ctx, ctx.node.all_input_nodes, ctx.node)
+            return
+        reduced = _reduced_dims(dim, len(sx))
+        if reduced is None:
+            return
+        keepdim = bool(ctx.arg(dim_pos + 1, "keepdim", False))
+        outs = [ctx.node] if ctx.out_shape is not None else []
+        item_shapes = ctx.item_shapes(ctx.node) or []
+        kept = [d for d in range(len(sx)) if d not in reduced]
+        for k, d in enumerate(kept):
+            od = d if keepdim else k
+            for o in outs:
+                yield Couple(ctx.space(x, d), ctx.space(o, od))
+            for i, s in enumerate(item_shapes):
+                if s is not None:
+                    yield Couple(ctx.space(x, d), ctx.item(i, od))
+
+
+@register(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin,
+          torch.softmax, torch.log_softmax, "softmax", "log_softmax", torch.cumsum, "cumsum")
+class SoftmaxRule(OpRule):
+    """Softmax-like ops along one dim: that dim is frozen, every other dim maps to itself."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        x = ctx.arg(0, "input")
+        sx = ctx.shape(x)
+        if sx is None:
+            return
+        dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
+        if dim is None:  # legacy implicit dim: be safe
+            return
+        dim %= len(sx)
+        yield from ctx.identity(x, ctx.node, [d for d in range(len(sx)) if d != dim])

@@ -1,0 +1,468 @@
+"""Shape ops: view/reshape/flatten, permute/transpose, cat/stack, split/chunk/unbind, indexing,
+expand/repeat, and shape queries.
+
+A reshape is matched block by block (runs of dims whose sizes multiply to the same number). A
+block that maps one dim to one dim is an identity; a block that splits one dim into several
+factors (``E -> (H, D)``, ``3E -> (3, H, D)``) or merges several into one ties the flat dim to
+exactly one factor and freezes the others. Which factor is decided by the solver
+(:class:`~structprune.graph.coupling.Choice`): the first one, in order, that nothing else
+freezes. That is what makes attention heads and channel shuffles prunable with no special case.
+
+Literal sizes in the graph (``x.view(B, 8, 3, 16)``) are fixed after slicing by evaluation: the
+rule compares each size argument's value with the new expected shape and rewrites only those
+that differ, so dynamic sizes (``x.size(0)``) stay dynamic.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..graph.coupling import Choice, Couple, Freeze, Record, Space
+from .elementwise import touch
+from .registry import CoupleContext, OpRule, register
+
+_REGROUP = "the reshape regroups several dims into several others; they stay whole"
+
+
+def _blocks(sx: Sequence[int], so: Sequence[int]) -> Optional[list[tuple[list[int], list[int]]]]:
+    ix = [d for d, n in enumerate(sx) if n != 1]
+    io = [d for d, n in enumerate(so) if n != 1]
+    blocks, i, j = [], 0, 0
+    while i < len(ix) and j < len(io):
+        bi, bj = [ix[i]], [io[j]]
+        pa, pb = sx[ix[i]], so[io[j]]
+        while pa != pb:
+            if pa < pb:
+                i += 1
+                if i >= len(ix):
+                    return None
+                pa *= sx[ix[i]]
+                bi.append(ix[i])
+            else:
+                j += 1
+                if j >= len(io):
+                    return None
+                pb *= so[io[j]]
+                bj.append(io[j])
+        blocks.append((bi, bj))
+        i, j = i + 1, j + 1
+    return blocks if i == len(ix) and j == len(io) else None
+
+
+def _coords(sizes: list[int], k: int) -> np.ndarray:
+    """Coordinate along factor ``k`` of every flat index of a row-major ``sizes`` block."""
+    n = math.prod(sizes)
+    stride = math.prod(sizes[k + 1:])
+    return (np.arange(n) // stride) % sizes[k]
+
+
+def reshape_couplings(flat_side: Any, multi_side: Any, flat_dim: int, dims: list[int],
+                      shape: Sequence[int], ctx: CoupleContext, flat_is_input: bool) -> Choice:
+    sizes = [shape[d] for d in dims]
+    flat = ctx.space(flat_side, flat_dim)
+    n = math.prod(sizes)
+    options = []
+    for k, d in enumerate(dims):
+        factor = ctx.space(multi_side, d)
+        recs: list[Record] = [Couple(flat, factor, np.arange(n), _coords(sizes, k))]
+        recs += [Freeze(ctx.space(multi_side, e), "") for e in dims if e != d]
+        options.append((factor, recs))
+    return Choice(options)
+
+
+def view_couplings(ctx: CoupleContext, x: Any, out: Any) -> Iterator[Record]:
+    sx, so = ctx.shape(x), ctx.shape(out)
+    if sx is None or so is None:
+        return
+    blocks = _blocks(sx, so)
+    if blocks is None:
+        return
+    for bi, bj in blocks:
+        if len(bi) == 1 and len(bj) == 1:
+            yield Couple(ctx.space(x, bi[0]), ctx.space(out, bj[0]))
+        elif len(bi) == 1:
+            yield reshape_couplings(x, out, bi[0], bj, so, ctx, flat_is_input=True)
+        elif len(bj) == 1:
+            yield reshape_couplings(out, x, bj[0], bi, sx, ctx, flat_is_input=False)
+        else:
+            for d in bi:
+                yield Freeze(ctx.space(x, d), _REGROUP)
+
+
+def fix_sizes(actx: Any, sizes: Sequence[Any], expected: Sequence[int]) -> list[Any]:
+    """Size arguments with each literal or value that no longer matches replaced by the new size."""
+    out = []
+    for a, e in zip(sizes, expected):
+        v = actx.value(a)
+        out.append(a if (v == -1 or v == e) else int(e))
+    return out
+
+
+@register("view", "reshape", torch.reshape, "flatten", torch.flatten, nn.Flatten, "squeeze",
+          "unsqueeze", torch.squeeze, torch.unsqueeze, "unflatten", torch.unflatten, nn.Unflatten,
+          "view_as", "reshape_as", "ravel", torch.ravel)
+class ReshapeRule(OpRule):
+    """View-like ops: couple dims block by block (see the module docstring)."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        x = ctx.arg(0, "input")
+        yield from view_couplings(ctx, x, ctx.node)
+        if ctx.node.target in ("view_as", "reshape_as"):
+            yield from touch(ctx, ctx.arg(1, "other"))
+
+    def update(self, actx: Any) -> None:
+        node, new = actx.node, actx.new_shape(actx.node)
+        if actx.new_shape(node) == actx.old_shape(node):
+            return
+        if isinstance(actx.module, nn.Unflatten):
+            d = actx.module.dim % len(new)
+            k = len(actx.module.unflattened_size)
+            actx.module.unflattened_size = tuple(new[d:d + k])
+            return
+        t = node.target
+        if t in ("view", "reshape") or t is torch.reshape:
+            rest = list(node.args[1:])
+            if len(rest) == 1 and not isinstance(rest[0], int):
+                sizes = rest[0]
+                v = actx.value(sizes)
+                if isinstance(sizes, (list, tuple)):
+                    node.args = (node.args[0], type(sizes)(fix_sizes(actx, sizes, new)))
+                elif tuple(v) != tuple(new):
+                    node.args = (node.args[0], tuple(new))
+            else:
+                node.args = (node.args[0], *fix_sizes(actx, rest, new))
+        elif t in ("unflatten",) or t is torch.unflatten:
+            dim = actx.value(node.args[1])
+            sizes = node.args[2]
+            d = dim % len(actx.old_shape(node.args[0]))
+            node.args = (node.args[0], dim, tuple(fix_sizes(actx, sizes, new[d:d + len(sizes)])))
+
+
+def _meta_perm(target: Any, is_method: bool, nd: int, args: tuple, kwargs: dict) -> Optional[list[int]]:
+    """Which input dim each output dim of a pure dim-permuting op comes from."""
+    primes = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37][:nd]
+    if len(primes) < nd:
+        return None
+    t = torch.empty(primes, device="meta")
+    try:
+        if is_method:
+            out = getattr(t, target)(*args, **kwargs)
+        elif target is getattr:
+            out = getattr(t, args[0])
+        else:
+            out = target(t, *args, **kwargs)
+    except Exception:
+        return None
+    return [primes.index(n) for n in out.shape] if sorted(out.shape) == primes else None
+
+
+@register("permute", torch.permute, "transpose", torch.transpose, "swapaxes", torch.swapaxes,
+          "swapdims", torch.swapdims, "movedim", torch.movedim, "moveaxis", torch.moveaxis, "t",
+          torch.t, "mT", "adjoint")
+class PermuteRule(OpRule):
+    """Dim permutations: output dim d is input dim ``perm[d]``."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        x = ctx.arg(0, "input")
+        sx = ctx.shape(x)
+        if sx is None:
+            return
+        args = tuple(ctx.value(a) for a in ctx.node.args[1:])
+        kwargs = {k: ctx.value(v) for k, v in ctx.node.kwargs.items()}
+        perm = _meta_perm(ctx.node.target, ctx.node.op == "call_method", len(sx), args, kwargs)
+        if perm is None:
+            return
+        for d, src in enumerate(perm):
+            yield Couple(ctx.space(x, src), ctx.out(d))
+
+
+@register(getattr)
+class GetAttrRule(OpRule):
+    """``x.shape``, ``x.dtype`` (no coupling) and ``x.T``/``x.mT`` (a permutation)."""
+
+    freezes_unmentioned = False
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        x, attr = ctx.node.args[0], ctx.node.args[1]
+        sx = ctx.shape(x)
+        if ctx.out_shape is None or sx is None:
+            return
+        if attr in ("data",):
+            yield from ctx.identity(x, ctx.node)
+            return
+        perm = _meta_perm(getattr, False, len(sx), (attr,), {})
+        if perm is not None:
+            for d, src in enumerate(perm):
+                yield Couple(ctx.space(x, src), ctx.out(d))
+        else:
+            yield from ctx.freeze(x, f"attribute .{attr} is not supported")
+
+
+@register("size", "dim", "numel", "nelement", "ndimension", "element_size", "get_device",
+          "is_contiguous", "is_floating_point", torch.numel, len, torch.is_tensor,
+          torch.is_floating_point)
+class ShapeQueryRule(OpRule):
+    """Queries of a tensor's metadata: they read sizes, so nothing is coupled or frozen."""
+
+    freezes_unmentioned = False
+
+
+@register(torch.cat, torch.concat, torch.concatenate)
+class CatRule(OpRule):
+    """``torch.cat(xs, dim)``: input i's index k is output index ``offset_i + k``."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        xs = ctx.arg(0, "tensors")
+        so = ctx.out_shape
+        if not isinstance(xs, (list, tuple)) or so is None:
+            return
+        dim = ctx.value(ctx.arg(1, "dim", 0)) % len(so)
+        off = 0
+        for a in xs:
+            sa = ctx.shape(a)
+            if sa is None or len(sa) != len(so):  # legacy empty tensors and the like
+                return
+            yield from ctx.identity(a, ctx.node, [d for d in range(len(so)) if d != dim])
+            yield Couple(ctx.space(a, dim), ctx.out(dim), np.arange(sa[dim]),
+                         off + np.arange(sa[dim]))
+            off += sa[dim]
+
+
+@register(torch.stack)
+class StackRule(OpRule):
+    """``torch.stack(xs, dim)``: the new dim stays whole, the others map across inputs."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        xs = ctx.arg(0, "tensors")
+        so = ctx.out_shape
+        if not isinstance(xs, (list, tuple)) or so is None:
+            return
+        dim = ctx.value(ctx.arg(1, "dim", 0)) % len(so)
+        for a in xs:
+            sa = ctx.shape(a)
+            if sa is None:
+                return
+            for d in range(len(sa)):
+                yield Couple(ctx.space(a, d), ctx.out(d if d < dim else d + 1))
+
+
+@register("split", torch.split, "chunk", torch.chunk, "unbind", torch.unbind,
+          "tensor_split", torch.tensor_split)
+class SplitRule(OpRule):
+    """``split``/``chunk``/``unbind``: item k's index j is input index ``offset_k + j``.
+
+    Chunks may lose different numbers of channels, so after pruning ``chunk`` is rewritten as
+    ``split`` with explicit sizes. ``unbind`` removes its dim, which therefore stays whole.
+    """
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        x = ctx.arg(0, "input")
+        sx = ctx.shape(x)
+        items = ctx.item_shapes(ctx.node)
+        if sx is None or items is None:
+            return
+        name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+        default = 0
+        dim = ctx.value(ctx.arg(2 if name in ("split", "chunk", "tensor_split") else 1, "dim",
+                                default)) % len(sx)
+        off = 0
+        for k, s in enumerate(items):
+            if s is None:
+                return
+            if name == "unbind":
+                for d in range(len(sx)):
+                    if d != dim:
+                        yield Couple(ctx.space(x, d), ctx.item(k, d if d < dim else d - 1))
+                continue
+            for d in range(len(sx)):
+                if d != dim:
+                    yield Couple(ctx.space(x, d), ctx.item(k, d))
+            yield Couple(ctx.space(x, dim), ctx.item(k, dim), off + np.arange(s[dim]),
+                         np.arange(s[dim]))
+            off += s[dim]
+
+    def update(self, actx: Any) -> None:
+        node = actx.node
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        if name == "unbind":
+            return
+        x = node.args[0]
+        sx = actx.old_shape(x)
+        dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        dim = actx.value(dim_arg) % len(sx)
+        old = [s[dim] for s in actx.old_items(node)]
+        new = [s[dim] for s in actx.new_items(node)]
+        if old == new:
+            return
+        if name == "tensor_split":
+            raise NotImplementedError("tensor_split with pruned sections")
+        node.target = "split" if node.op == "call_method" else torch.split
+        node.args = (x, new, dim)
+        node.kwargs = {}
+
+
+def _index_items(index: Any) -> Optional[list[Any]]:
+    return list(index) if isinstance(index, tuple) else [index]
+
+
+@register(operator.getitem)
+class GetItemRule(OpRule):
+    """Indexing: tuple items, and tensors indexed by ints, unit-step slices, ``None`` and ``...``.
+
+    Indices a slice leaves out are coupled to nothing here, so they are removable (nothing reads
+    them); an int index pins its one index. Other index kinds (tensors, steps) freeze the dim.
+    """
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        src, index = ctx.node.args[0], ctx.node.args[1]
+        items = ctx.item_shapes(src) if isinstance(src, fx.Node) else None
+        if items is not None:
+            k = ctx.value(index)
+            if isinstance(k, int) and ctx.out_shape is not None:
+                for d in range(len(ctx.out_shape)):
+                    yield Couple(Space(f"{src.name}#{k % len(items)}", d), ctx.out(d))
+            return
+        sx = ctx.shape(src)
+        if sx is None or ctx.out_shape is None:
+            return
+        plan = _index_plan(ctx.value(index), sx)
+        if plan is None:
+            return
+        for kind, in_d, out_d, val in plan:
+            if kind == "all":
+                yield Couple(ctx.space(src, in_d), ctx.out(out_d))
+            elif kind == "int":
+                yield Freeze(ctx.space(src, in_d), "", idx=[val])
+            elif kind == "slice":
+                start, stop = val
+                yield Couple(ctx.space(src, in_d), ctx.out(out_d), np.arange(start, stop),
+                             np.arange(stop - start))
+
+    def update(self, actx: Any) -> None:
+        node = actx.node
+        src, index = node.args[0], node.args[1]
+        if actx.old_items(src) is not None:
+            return
+        sx = actx.old_shape(src)
+        value = actx.value(index)
+        plan = _index_plan(value, sx)
+        if plan is None:
+            return
+        items = _index_items(value)
+        pos = _positions(items)
+        changed = False
+        for kind, in_d, _, val in plan:
+            dropped = actx.dropped(Space(src.name, in_d))
+            if not len(dropped) or kind == "all":
+                continue
+            k = pos[in_d]
+            if kind == "int":
+                items[k] = val - int(np.sum(dropped < val))
+            else:
+                start, stop = val
+                new_start = start - int(np.sum(dropped < start))
+                kept = (stop - start) - int(np.sum((dropped >= start) & (dropped < stop)))
+                items[k] = slice(new_start, new_start + kept, None)
+            changed = True
+        if changed:
+            node.args = (src, tuple(items) if isinstance(value, tuple) else items[0])
+
+
+def _positions(items: list[Any]) -> dict[int, int]:
+    """Map input dim -> position in the index tuple (for ints and slices)."""
+    out, d = {}, 0
+    n_consuming = sum(1 for it in items if it is not None and it is not Ellipsis)
+    for k, it in enumerate(items):
+        if it is None:
+            continue
+        if it is Ellipsis:
+            d += -1  # filled in by the caller's plan; only consuming items are looked up
+            continue
+        out[d] = k
+        d += 1
+    del n_consuming
+    return out
+
+
+def _index_plan(index: Any, sx: Sequence[int]) -> Optional[list[tuple[str, int, int, Any]]]:
+    items = _index_items(index)
+    consuming = [it for it in items if isinstance(it, (int, slice))]
+    if any(not (it is None or it is Ellipsis or isinstance(it, (int, slice))) for it in items):
+        return None
+    if sum(1 for it in items if it is Ellipsis) > 1:
+        return None
+    n_ell = len(sx) - len(consuming)
+    plan, in_d, out_d = [], 0, 0
+    for it in items:
+        if it is None:
+            out_d += 1
+        elif it is Ellipsis:
+            for _ in range(n_ell):
+                plan.append(("all", in_d, out_d, None))
+                in_d, out_d = in_d + 1, out_d + 1
+        elif isinstance(it, int):
+            plan.append(("int", in_d, -1, it % sx[in_d]))
+            in_d += 1
+        else:
+            start, stop, step = it.indices(sx[in_d])
+            if step != 1:
+                return None
+            if (start, stop) == (0, sx[in_d]):
+                plan.append(("all", in_d, out_d, None))
+            else:
+                plan.append(("slice", in_d, out_d, (start, max(stop, start))))
+            in_d, out_d = in_d + 1, out_d + 1
+    while in_d < len(sx):
+        plan.append(("all", in_d, out_d, None))
+        in_d, out_d = in_d + 1, out_d + 1
+    return plan
+
+
+@register("expand", "expand_as", torch.broadcast_to, "broadcast_to")
+class ExpandRule(OpRule):
+    """``expand``: dims that keep their size map to the output; stretched size-1 dims stay whole.
+
+    For ``expand_as(other)`` the output's sizes come from ``other``, so other's dims are tied to
+    the output's as well.
+    """
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        from .elementwise import broadcast
+
+        x = ctx.arg(0, "input")
+        yield from broadcast(ctx, [x], ctx.node)
+        if ctx.node.target == "expand_as":
+            yield from ctx.identity(ctx.arg(1, "other"), ctx.node)
+
+    def update(self, actx: Any) -> None:
+        node = actx.node
+        if node.target == "expand_as" or actx.new_shape(node) == actx.old_shape(node):
+            return
+        rest = list(node.args[1:])
+        new = actx.new_shape(node)
+        if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+            node.args = (node.args[0], type(rest[0])(fix_sizes(actx, rest[0], new)))
+        elif len(rest) == 1 and isinstance(rest[0], fx.Node) and not isinstance(
+                actx.value(rest[0]), int):
+            node.args = (node.args[0], tuple(new))
+        else:
+            node.args = (node.args[0], *fix_sizes(actx, rest, new))
+
+
+@register("repeat")
+class RepeatRule(OpRule):
+    """``x.repeat(*counts)``: dims repeated once map to themselves; repeated dims stay whole."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        x = ctx.arg(0, "input")
+        sx, so = ctx.shape(x), ctx.out_shape
+        shift = len(so) - len(sx)
+        for d, n in enumerate(sx):
+            if so[d + shift] == n:
+                yield Couple(ctx.space(x, d), ctx.out(d + shift))

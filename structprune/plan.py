@@ -1,0 +1,152 @@
+"""A :class:`Plan`: which units of which groups to drop, and what that removes from every tensor."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import torch
+
+from .errors import PlanError
+from .graph.coupling import Space
+
+if TYPE_CHECKING:
+    from .graph.depgraph import DependencyGraph
+
+
+@dataclass
+class Plan:
+    """Units to drop, per group id. Build one with :meth:`structprune.Pruner.plan` or by hand.
+
+    Attributes:
+        graph: the dependency graph the group ids refer to.
+        drops: ``{group id: 1-D long tensor of unit indices to drop}``.
+    """
+
+    graph: "DependencyGraph"
+    drops: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        groups = {g.id: g for g in self.graph.groups()}
+        clean: dict[int, torch.Tensor] = {}
+        for gid, units in self.drops.items():
+            if gid not in groups:
+                raise PlanError(f"plan names group {gid}, but the graph has groups "
+                                f"0..{len(groups) - 1}")
+            u = torch.as_tensor(units, dtype=torch.long).flatten().unique()
+            g = groups[gid]
+            if u.numel() and (int(u.min()) < 0 or int(u.max()) >= g.num_units):
+                raise PlanError(f"plan drops unit {int(u.max())} of group {gid}, which has "
+                                f"{g.num_units} units")
+            if u.numel() >= g.num_units:
+                names = sorted({m.module for m in g.params})[:3]
+                raise PlanError(f"plan would drop all {g.num_units} units of group {gid} "
+                                f"({', '.join(names)}...), emptying those layers; keep at least "
+                                f"one unit per group")
+            if u.numel():
+                clean[gid] = u
+        self.drops = clean
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.drops
+
+    def num_dropped(self) -> int:
+        return sum(int(u.numel()) for u in self.drops.values())
+
+    def dropped_indices(self) -> dict[Space, np.ndarray]:
+        """``{space: sorted dropped indices}`` over every node, item and parameter space."""
+        out: dict[Space, list[np.ndarray]] = {}
+        groups = {g.id: g for g in self.graph.groups()}
+        for gid, units in self.drops.items():
+            mask = np.zeros(groups[gid].num_units, dtype=bool)
+            mask[units.numpy()] = True
+            for m in groups[gid].members:
+                sel = mask[m.unit.numpy()]
+                if sel.any():
+                    out.setdefault(m.space, []).append(m.index.numpy()[sel])
+        return {s: np.unique(np.concatenate(v)) for s, v in out.items()}
+
+    def new_sizes(self) -> dict[Space, int]:
+        """The size of every space after the plan."""
+        sizes = dict(self.graph.table.size)
+        for s, idx in self.dropped_indices().items():
+            sizes[s] -= len(idx)
+        return sizes
+
+    def activation_masks(self) -> dict[str, tuple[int, list[int]]]:
+        """``{fx node name: (dim, dropped indices)}`` over ``graph.graph_module``'s nodes.
+
+        Running that graph with those indices zeroed gives the pruned model's output (the oracle
+        of DESIGN.md). A node with drops in two dims (rare: a tensor with two prunable axes) lists
+        the dim with more drops here; :meth:`activation_masks_all` lists every dim.
+        """
+        out: dict[str, tuple[int, list[int]]] = {}
+        for name, dims in self.activation_masks_all().items():
+            dim, idx = max(dims, key=lambda di: len(di[1]))
+            out[name] = (dim, idx)
+        return out
+
+    def activation_masks_all(self) -> dict[str, list[tuple[int, list[int]]]]:
+        """``{fx node name: [(dim, dropped indices), ...]}`` with every dim that has drops."""
+        out: dict[str, list[tuple[int, list[int]]]] = {}
+        for s, idx in sorted(self.dropped_indices().items()):
+            if s.is_param or "#" in s.key:
+                continue
+            out.setdefault(s.key, []).append((s.dim, idx.tolist()))
+        return out
+
+    def __repr__(self) -> str:
+        total = sum(g.num_units for g in self.graph.groups())
+        return f"Plan(drop {self.num_dropped()} of {total} units in {len(self.drops)} groups)"
+
+
+class MacContext:
+    """Shapes for :meth:`OpRule.macs`, either as traced or as they will be after a plan."""
+
+    def __init__(self, graph: "DependencyGraph", sizes: dict[Space, int]) -> None:
+        self.graph = graph
+        self.sizes = sizes
+        self.node: Any = None
+        self.module_path: Optional[str] = None
+
+    def shape(self, a: Any) -> Optional[tuple[int, ...]]:
+        s = self.graph.shapes.get(getattr(a, "name", None))
+        if not isinstance(s, torch.Size):
+            return None
+        return tuple(self.sizes.get(Space(a.name, d), n) for d, n in enumerate(s))
+
+    def param_shape(self, name: str) -> tuple[int, ...]:
+        qual = f"{self.module_path}.{name}" if self.module_path else name
+        t = self.graph.graph_module.get_parameter(qual)
+        return tuple(self.sizes.get(Space("@" + qual, d), n) for d, n in enumerate(t.shape))
+
+
+def count_macs(graph: "DependencyGraph", sizes: Optional[dict[Space, int]] = None,
+               per_node: bool = False) -> Any:
+    """Multiply-accumulates of one forward pass on the example inputs (after a plan's sizes)."""
+    mctx = MacContext(graph, sizes if sizes is not None else graph.table.size)
+    total, by_node = 0, {}
+    for n in graph.graph_module.graph.nodes:
+        rule = graph.node_rules.get(n.name)
+        if rule is None:
+            continue
+        mctx.node = n
+        mctx.module_path = str(n.target) if n.op == "call_module" else None
+        try:
+            m = int(rule.macs(mctx))
+        except Exception:  # a rule that cannot count this call contributes nothing
+            m = 0
+        total += m
+        if per_node and m:
+            by_node[n.name] = m
+    return (total, by_node) if per_node else total
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def prod(xs: Any) -> int:
+    return math.prod(xs)
