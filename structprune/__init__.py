@@ -8,3 +8,5 @@ from .errors import (ModelError as ModelError, PlanError as PlanError,
 from .plan import Plan as Plan
 
 __version__ = "0.1.0"
+from .pruner import Pruner as Pruner, prune as prune, prune_ as prune_
+from . import importance as importance, allocate as allocate

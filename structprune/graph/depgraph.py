@@ -59,6 +59,19 @@ def _mentioned(records: Iterable[Record]) -> set[Space]:
     return out
 
 
+def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module]) -> list[str]:
+    """Qualified names of the ``ignore`` modules; each must be a submodule of ``model``."""
+    by_id = {id(m): name for name, m in model.named_modules()}
+    out = []
+    for m in ignore:
+        if not isinstance(m, nn.Module) or id(m) not in by_id:
+            what = type(m).__name__ if isinstance(m, nn.Module) else repr(m)
+            raise PlanError(f"ignore entry {what} is not a submodule of {type(model).__name__}; "
+                            f"pass modules of the model being pruned (e.g. ignore=[model.fc])")
+        out.append(by_id[id(m)])
+    return out
+
+
 class DependencyGraph:
     """The coupled view of one model: spaces, units, groups and what is frozen.
 
@@ -81,7 +94,7 @@ class DependencyGraph:
         self.shapes, self.values = record_shapes(self.graph_module, self.args, self.kwargs,
                                                  type(model).__name__)
         self.modules = dict(self.graph_module.named_modules())
-        self._ignored = self._resolve_ignore(ignore)
+        self._ignored = set(resolve_ignore(model, ignore))
         self.table = SpaceTable()
         self.node_rules: dict[str, OpRule] = {}
         self.records: list[Record] = []
@@ -92,18 +105,6 @@ class DependencyGraph:
         self._groups = build_groups(self.table, self.solution, self.roles)
 
     # --- construction --------------------------------------------------------------------------
-    def _resolve_ignore(self, ignore: Iterable[nn.Module]) -> set[str]:
-        by_id = {id(m): name for name, m in self.model.named_modules()}
-        out = set()
-        for m in ignore:
-            if not isinstance(m, nn.Module) or id(m) not in by_id:
-                what = type(m).__name__ if isinstance(m, nn.Module) else repr(m)
-                raise PlanError(f"ignore entry {what} is not a submodule of "
-                                f"{type(self.model).__name__}; pass modules of the model being "
-                                f"pruned (e.g. ignore=[model.fc])")
-            out.add(by_id[id(m)])
-        return out
-
     def _add_spaces(self) -> None:
         for n in self.graph_module.graph.nodes:
             for space, size in _spaces_of(n.name, self.shapes.get(n.name)):

@@ -347,9 +347,11 @@ class GetItemRule(OpRule):
     def update(self, actx: Any) -> None:
         node = actx.node
         src, index = node.args[0], node.args[1]
-        if actx.old_items(src) is not None:
+        if not isinstance(src, fx.Node) or actx.old_items(src) is not None:
             return
         sx = actx.old_shape(src)
+        if sx is None:
+            return
         value = actx.value(index)
         plan = _index_plan(value, sx)
         if plan is None:

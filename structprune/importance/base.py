@@ -1,0 +1,89 @@
+"""The :class:`Importance` protocol and the helpers every scorer shares.
+
+An importance turns the parameter slices of a group's members into one score per unit
+(``[num_units]``, low = prune first). Scorers compute a per-index value for each parameter member,
+sum it into the member's units (a unit may span several indices: a group of a grouped conv, a
+head), combine the members (``reduction``) and rescale (``normalizer``) so that global ranking
+can compare groups.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional, Protocol, runtime_checkable
+
+import torch
+
+from ..graph.group import Group, Member
+
+Reduction = Literal["sum", "mean", "max", "first"]
+Normalizer = Optional[Literal["mean", "max", "sum", "standardization", "lamp"]]
+
+
+@runtime_checkable
+class Importance(Protocol):
+    """Score the units of a group: ``imp(group, graph) -> Tensor[num_units]`` or None (skip it)."""
+
+    def __call__(self, group: Group, graph: object) -> Optional[torch.Tensor]: ...
+
+
+def tensor_of(graph: object, member: Member) -> torch.Tensor:
+    """The parameter/buffer a member slices, from the traced module (shared with the model)."""
+    gm = graph.graph_module  # type: ignore[attr-defined]
+    owner_path, _, name = member.qualname.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    return getattr(owner, name)
+
+
+def per_index(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply ``fn`` element-wise and sum over every dim but ``dim``: ``[t.shape[dim]]``."""
+    v = fn(t.detach().double())
+    return v.transpose(0, dim).reshape(t.shape[dim], -1).sum(1)
+
+
+def to_units(group: Group, member: Member, values: torch.Tensor) -> torch.Tensor:
+    """Sum per-index ``values`` (indexed like the member's tensor dim) into the group's units."""
+    out = torch.zeros(group.num_units, dtype=values.dtype)
+    return out.index_add_(0, member.unit, values[member.index])
+
+
+def reduce_members(scores: list[torch.Tensor], reduction: Reduction) -> Optional[torch.Tensor]:
+    if not scores:
+        return None
+    s = torch.stack(scores)
+    if reduction == "sum":
+        return s.sum(0)
+    if reduction == "mean":
+        return s.mean(0)
+    if reduction == "max":
+        return s.max(0).values
+    if reduction == "first":
+        return s[0]
+    raise ValueError(f"unknown reduction {reduction!r}; choose sum, mean, max or first")
+
+
+def normalize(s: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
+    if normalizer is None:
+        return s
+    if normalizer == "mean":
+        return s / (s.mean() + 1e-12)
+    if normalizer == "max":
+        return s / (s.max() + 1e-12)
+    if normalizer == "sum":
+        return s / (s.sum() + 1e-12)
+    if normalizer == "standardization":
+        return (s - s.min()) / (s.max() - s.min() + 1e-12)
+    if normalizer == "lamp":
+        order = torch.argsort(s)
+        sorted_s = s[order]
+        tail = sorted_s.flip(0).cumsum(0).flip(0)  # sum over v >= u in ascending order
+        out = torch.empty_like(s)
+        out[order] = sorted_s / (tail + 1e-12)
+        return out
+    raise ValueError(f"unknown normalizer {normalizer!r}; choose mean, max, sum, "
+                     f"standardization, lamp or None")
+
+
+def scored_members(group: Group, roles: Optional[tuple[str, ...]]) -> list[Member]:
+    """Parameter members to score: those with one of ``roles`` (None: all but running stats)."""
+    if roles is None:
+        return [m for m in group.params if m.role != "stat"]
+    return [m for m in group.params if m.role in roles]

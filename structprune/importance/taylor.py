@@ -1,0 +1,60 @@
+"""Gradient-based scorers: first-order Taylor (Molchanov et al., "Importance Estimation for
+Neural Network Pruning", CVPR 2019) and the diagonal-Fisher OBD saliency (LeCun et al., "Optimal
+Brain Damage", 1990; h_qq ~ E[g^2])."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import PlanError
+from ..graph.group import Group
+from .base import Normalizer, Reduction, normalize, reduce_members, scored_members, tensor_of, to_units
+
+
+def _grad_scores(group: Group, graph: object, fn, what: str) -> list[torch.Tensor]:
+    scores = []
+    for m in scored_members(group, None):
+        t = tensor_of(graph, m)
+        if t.grad is None:
+            continue
+        v = fn(t.detach().double(), t.grad.detach().double())
+        v = v.transpose(0, m.dim).reshape(t.shape[m.dim], -1).sum(1)
+        scores.append(to_units(group, m, v.abs()))
+    if not scores and any(tensor_of(graph, m).requires_grad for m in group.params):
+        names = sorted({m.qualname for m in group.params})[:3]
+        raise PlanError(f"{what} importance needs gradients, but {', '.join(names)} have none: "
+                        f"run a forward pass and loss.backward() on the model before pruning")
+    return scores
+
+
+class TaylorImportance:
+    """Score a unit by ``|sum w * dL/dw|`` over each member slice (needs populated ``.grad``).
+
+    Args:
+        reduction: how member scores combine. (default: ``"mean"``)
+        normalizer: per-group rescaling. (default: ``"mean"``)
+    """
+
+    def __init__(self, reduction: Reduction = "mean", normalizer: Normalizer = "mean") -> None:
+        self.reduction, self.normalizer = reduction, normalizer
+
+    def __call__(self, group: Group, graph: object) -> Optional[torch.Tensor]:
+        s = reduce_members(_grad_scores(group, graph, lambda w, g: w * g, "taylor"), self.reduction)
+        return None if s is None else normalize(s, self.normalizer)
+
+
+class HessianImportance:
+    """OBD with a diagonal-Fisher Hessian: ``1/2 sum (g w)^2`` over each member slice.
+
+    ``.grad`` is read as one sample of the gradient; accumulate squared gradients over batches
+    yourself and put them in ``.grad`` for an expectation over data.
+    """
+
+    def __init__(self, reduction: Reduction = "mean", normalizer: Normalizer = "mean") -> None:
+        self.reduction, self.normalizer = reduction, normalizer
+
+    def __call__(self, group: Group, graph: object) -> Optional[torch.Tensor]:
+        fn = lambda w, g: 0.5 * (g * w) ** 2  # noqa: E731
+        s = reduce_members(_grad_scores(group, graph, fn, "hessian"), self.reduction)
+        return None if s is None else normalize(s, self.normalizer)
