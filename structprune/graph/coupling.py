@@ -165,32 +165,40 @@ def _components(total: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, i
     return label, int(label[0])
 
 
-def solve(table: SpaceTable, records: list[Record], max_rounds: int = 8) -> Solution:
+def solve(table: SpaceTable, records: list[Record]) -> Solution:
     """Compute the connected components, resolving every :class:`Choice` to a free option.
 
-    Each round couples everything with the current choices; a choice whose key space came out
-    frozen moves to its next option. Any fixed point is correct (every option is a valid coupling);
-    the iteration only looks for the one that leaves the most to prune.
+    First, options whose key is frozen even with no choice coupled at all are skipped. Then, in
+    graph order, the first choice whose key came out frozen moves to its next option and the
+    components are recomputed, until none moves. Any outcome is correct (every option is a valid
+    coupling); the search only looks for the one that leaves the most to prune.
     """
     choices = [r for r in records if isinstance(r, Choice)]
+    reasons: dict[Space, str] = {}
+    if choices:
+        plain = [r for r in records if not isinstance(r, Choice)]
+        a, b = _edges(table, plain, {})
+        label, frozen = _components(table.total, a, b)
+        for c in choices:
+            free = [k for k, (key, _) in enumerate(c.options)
+                    if key in table and label[table.offset[key]] != frozen]
+            c.chosen = free[0] if free else 0
     tried = {id(c): {c.chosen} for c in choices}
-    for _ in range(max_rounds):
-        reasons: dict[Space, str] = {}
+    budget = sum(len(c.options) for c in choices) + 1
+    for _ in range(budget):
+        reasons = {}
         a, b = _edges(table, records, reasons)
         label, frozen = _components(table.total, a, b)
-        changed = False
+        moved = False
         for c in choices:
             key = c.options[c.chosen][0]
             if key in table and label[table.offset[key]] == frozen:
-                for k in range(len(c.options)):
-                    if k not in tried[id(c)]:
-                        c.chosen = k
-                        tried[id(c)].add(k)
-                        changed = True
-                        break
-        if not changed:
-            return Solution(label, frozen, reasons)
-    reasons = {}
-    a, b = _edges(table, records, reasons)
-    label, frozen = _components(table.total, a, b)
+                rest = [k for k in range(len(c.options)) if k not in tried[id(c)]]
+                if rest:
+                    c.chosen = rest[0]
+                    tried[id(c)].add(rest[0])
+                    moved = True
+                    break
+        if not moved:
+            break
     return Solution(label, frozen, reasons)
