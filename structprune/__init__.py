@@ -10,3 +10,5 @@ from .plan import Plan as Plan
 __version__ = "0.1.0"
 from .pruner import Pruner as Pruner, prune as prune, prune_ as prune_
 from . import importance as importance, allocate as allocate
+from .io import load as load, save as save
+from .export.onnx import export_onnx as export_onnx

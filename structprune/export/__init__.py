@@ -1,0 +1,1 @@
+"""Export of pruned models (ONNX). Only this package imports onnx/onnxruntime."""
