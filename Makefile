@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
 
 demo: $(STAMP)
-	$(BIN)/python -m structprune.demo
+	$(BIN)/python tutorials/01_prune_resnet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

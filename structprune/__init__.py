@@ -12,3 +12,4 @@ from .pruner import Pruner as Pruner, prune as prune, prune_ as prune_
 from . import importance as importance, allocate as allocate
 from .io import load as load, save as save
 from .export.onnx import export_onnx as export_onnx
+from .report import Report as Report, report as report

@@ -1,0 +1,5 @@
+# Makes the repo root importable (models/, tutorials/) for the test suite.
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

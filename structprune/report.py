@@ -1,0 +1,105 @@
+"""Before/after report: parameters, MACs, and what every group kept.
+
+``sp.report(model, pruned, x)`` traces both models, counts parameters and MACs (convs, linears,
+matmuls/attention, norms), and matches each group of the original to the pruned model by
+parameter name, so it works for any pruned model whose parameter names were kept (as structprune's
+are). ``str(report)`` is a table; ``report.to_dict()`` is the same for ``--json``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch.nn as nn
+
+from .graph.depgraph import trace
+from .graph.trace import ExampleInputs
+from .plan import count_macs
+
+
+@dataclass
+class GroupRow:
+    group: int
+    modules: list[str]
+    units_before: int
+    units_after: int
+    width: int
+
+    @property
+    def kept(self) -> float:
+        return self.units_after / max(self.units_before, 1)
+
+
+@dataclass
+class Report:
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    groups: list[GroupRow] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+
+    @property
+    def params_kept(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+    @property
+    def macs_kept(self) -> float:
+        return self.macs_after / max(self.macs_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": {"before": self.params_before, "after": self.params_after,
+                           "kept": round(self.params_kept, 6)},
+                "macs": {"before": self.macs_before, "after": self.macs_after,
+                         "kept": round(self.macs_kept, 6)},
+                "groups": [{"group": g.group, "modules": g.modules, "units_before": g.units_before,
+                            "units_after": g.units_after, "unit_width": g.width}
+                           for g in self.groups],
+                "frozen": self.frozen}
+
+    def table(self, max_groups: int = 40) -> str:
+        def num(n: int) -> str:
+            return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+        lines = [f"{'':10s}{'before':>12s}{'after':>12s}{'kept':>8s}",
+                 f"{'params':10s}{num(self.params_before):>12s}{num(self.params_after):>12s}"
+                 f"{self.params_kept:>8.1%}",
+                 f"{'MACs':10s}{num(self.macs_before):>12s}{num(self.macs_after):>12s}"
+                 f"{self.macs_kept:>8.1%}", ""]
+        if self.groups:
+            lines.append(f"{'group':>5s}  {'units':>11s}  {'kept':>6s}  modules")
+            for g in self.groups[:max_groups]:
+                mods = ", ".join(g.modules[:3]) + (f" (+{len(g.modules) - 3})"
+                                                  if len(g.modules) > 3 else "")
+                lines.append(f"{g.group:>5d}  {g.units_before:>5d}->{g.units_after:<5d}"
+                             f"{g.kept:>6.0%}  {mods}")
+            if len(self.groups) > max_groups:
+                lines.append(f"  ... {len(self.groups) - max_groups} more groups")
+        if self.frozen:
+            lines.append(f"frozen: {len(self.frozen)} (first: {self.frozen[0]})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def report(model: nn.Module, pruned: Optional[nn.Module], example_inputs: ExampleInputs) -> Report:
+    """Compare ``model`` with ``pruned`` (or describe ``model`` alone when ``pruned`` is None)."""
+    g0 = trace(model, example_inputs)
+    pruned = pruned if pruned is not None else model
+    g1 = g0 if pruned is model else trace(pruned, example_inputs)
+    after = dict(pruned.named_parameters())
+    rows = []
+    for grp in g0.groups():
+        members = [m for m in grp.params if m.role in ("out", "in", "norm")] or grp.params
+        m = members[0]
+        t = after.get(m.qualname)
+        before_idx = int(m.index.numel())
+        per_unit = max(before_idx // max(grp.num_units, 1), 1)
+        kept_idx = before_idx if t is None else before_idx - (
+            dict(g0.graph_module.named_parameters())[m.qualname].shape[m.dim] - t.shape[m.dim])
+        rows.append(GroupRow(grp.id, sorted({x.module for x in grp.params}), grp.num_units,
+                             max(kept_idx // per_unit, 0), grp.width))
+    return Report(sum(p.numel() for p in model.parameters()),
+                  sum(p.numel() for p in pruned.parameters()),
+                  count_macs(g0), count_macs(g1), rows, [repr(e) for e in g0.frozen()])

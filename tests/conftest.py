@@ -1,0 +1,16 @@
+"""Per-test seeding, one torch thread per xdist worker, float64 by default where tests ask."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
