@@ -113,23 +113,33 @@ TOOLS: dict[str, dict[str, Callable]] = {
 IN_PLACE = {"structprune": False, "torch_pruning": True}
 
 
-def bench_one(tool: str, phase: str, model: nn.Module, x, ratio: float, repeats: int) -> dict:
-    fn = TOOLS[tool][phase]
-    times, last, error = [], None, None
+def bench_model(tools: list[str], model: nn.Module, x, ratio: float, repeats: int) -> tuple:
+    """Interleave (tool, phase) inside each repeat so background load hits every cell alike."""
+    cells = [(t, ph) for t in tools for ph in PHASES]
+    recs = {c: {"times_s": []} for c in cells}
+    last: dict = {}
     for _ in range(repeats):
-        m = copy.deepcopy(model) if IN_PLACE[tool] else model  # copy excluded from timing
-        try:
-            t, out = timed(lambda: fn(m, x, ratio))
-        except Exception as exc:  # report, keep going
-            error = tail(exc)
-            break
-        times.append(t)
-        last = out
-        del m
-    rec = {"times_s": times, "median_s": statistics.median(times) if times else None}
-    if error:
-        rec["error"] = error
-    return rec, last
+        for tool, phase in cells:
+            rec = recs[(tool, phase)]
+            if "error" in rec:
+                continue
+            m = copy.deepcopy(model) if IN_PLACE[tool] else model  # copy excluded from timing
+            # TP's own API takes a single tensor for a single input.
+            xin = x[0] if (tool == "torch_pruning" and len(x) == 1) else x
+            fn = TOOLS[tool][phase]
+            try:
+                t, out = timed(lambda: fn(m, xin, ratio))
+            except Exception as exc:  # report, keep going
+                rec["error"] = tail(exc)
+                continue
+            rec["times_s"].append(t)
+            last[(tool, phase)] = out
+            del m, out
+    for rec in recs.values():
+        ts = rec["times_s"]
+        rec["median_s"] = statistics.median(ts) if ts else None
+        rec["min_s"] = min(ts) if ts else None
+    return recs, last
 
 
 def sanity(pruned: Any, x, ref_shape) -> dict:
@@ -153,7 +163,7 @@ def run(model_names: list[str], repeats: int, ratio: float) -> dict:
             "torch_pruning": getattr(tp, "__version__", None) if tp else None,
             "python": platform.python_version(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "note": "median wall seconds; Torch-Pruning gets a fresh deepcopy per repeat "
+            "note": "median wall seconds, tools interleaved per repeat; Torch-Pruning gets a fresh deepcopy per repeat "
                     "(untimed); structprune does not mutate its input",
         },
         "models": {},
@@ -167,21 +177,19 @@ def run(model_names: list[str], repeats: int, ratio: float) -> dict:
         p0 = n_params(model)
         rec: dict[str, Any] = {"params": p0, "convs": n_convs(model), "tools": {}}
         print(f"\n== {name}: {p0 / 1e6:.2f}M params, {rec['convs']} convs", flush=True)
+        recs, last = bench_model(tools, model, x, ratio, repeats)
         for tool in tools:
             trec: dict[str, Any] = {}
-            # TP's own API takes a single tensor for a single input.
-            xin = x[0] if (tool == "torch_pruning" and len(x) == 1) else x
             for phase in PHASES:
-                r, out = bench_one(tool, phase, model, xin, ratio, repeats)
-                trec[phase] = r
-                med = f"{r['median_s']:.3f}s" if r["median_s"] is not None else "ERROR"
-                print(f"  {tool:14s} {phase:6s} median {med}", flush=True)
+                r = trec[phase] = recs[(tool, phase)]
+                med = (f"median {r['median_s']:.3f}s  min {r['min_s']:.3f}s"
+                       if r["median_s"] is not None else "ERROR")
+                print(f"  {tool:14s} {phase:6s} {med}", flush=True)
                 if "error" in r:
                     print("    " + r["error"].replace("\n", "\n    "), flush=True)
-                if phase == "full":
-                    trec["pruned"] = sanity(out, x, ref_shape)
-                del out
+            trec["pruned"] = sanity(last.get((tool, "full")), x, ref_shape)
             rec["tools"][tool] = trec
+        del last
         if n_params(model) != p0:
             rec["warning"] = "structprune mutated the input model's parameter count"
         if "torch_pruning" in rec["tools"]:
@@ -278,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="repeats per (model, tool, phase); "
                     "the median is reported (default: 5)")
     ap.add_argument("--ratio", type=float, default=0.5, help="pruning ratio (default: 0.5)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads "
+                    "(default: 1, steadier on a shared box; 0 keeps torch's default)")
     ap.add_argument("--quick", action="store_true", help="1 repeat, resnet50 only")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "build_time.json",
                     help="results JSON path (the PNG goes next to it)")
@@ -290,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         print("torch_pruning not installed (pip install torch-pruning --no-deps): "
               "structprune only", file=sys.stderr)
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     res = run(args.models, args.repeats, args.ratio)
     print_table(res)
     args.out.parent.mkdir(parents=True, exist_ok=True)

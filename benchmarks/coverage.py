@@ -8,6 +8,9 @@ last ``nn.Conv2d`` when there is no Linear, e.g. SqueezeNet), then check
   dropped activations zeroed (``max_rel_diff <= tol``; float64, random norm statistics);
 * ONNX parity: ``structprune.export.onnx.export_onnx(..., check=True)`` (``n/a`` when that module
   is not importable);
+* models are run in float64 eval mode with random norm statistics (``randomize_``) and every
+  constant-initialised parameter (zero biases, ViT's zero head and class token, ConvNeXt's
+  layer_scale) replaced by random values, so that the oracle cannot pass vacuously;
 * MACs before/after (``structprune.plan.count_macs``), plus an independent count of the MACs of
   the ``nn.Conv*``/``nn.Linear`` modules measured with forward hooks on the original and the
   pruned model, and parameters before/after;
@@ -161,14 +164,17 @@ def run_one(name: str, tol64: float, tol32: float, f32_above_m: float) -> dict[s
         tol = tol32 if dtype == torch.float32 else tol64
         model = model.to(dtype)
         randomize_(model)
-        # Some models zero-initialise weights (ViT's head): a constant output would make the
-        # oracle vacuous, so give every all-zero weight random values.
+        # Constant initialisations weaken the oracle: ViT's zero head makes the output constant,
+        # ConvNeXt's layer_scale=1e-6 shrinks every residual branch below the tolerance, and zero
+        # biases hide a wrongly sliced bias. Give every constant parameter random values.
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for pname, p in model.named_parameters():
-                if p.dim() >= 2 and not p.any():
-                    p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
-                    rec.setdefault("reinit_zero_weights", []).append(pname)
+                if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                    c = float(p.flatten()[0])
+                    base = 1.0 if (p.dim() == 1 and c != 0.0) else 0.0  # scales stay around 1
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1 + base)
+                    rec.setdefault("reinit_constant_params", []).append(pname)
         x = torch.randn(1, 3, side, side, dtype=dtype)
         cls_name, cls = _classifier(model)
         rec.update(input=[1, 3, side, side], dtype=str(dtype).replace("torch.", ""), tol=tol,

@@ -1,0 +1,19 @@
+"""Shared helpers for op-rule tests: build the hand-made reference from sliced tensors."""
+import torch
+
+
+def copy_sliced(ref, src, keep=None):
+    """Copy ``src``'s state into ``ref``; ``keep={name: (dim, idx)}`` slices those tensors first.
+
+    Several slices of one tensor are given as a list of (dim, idx).
+    """
+    keep = keep or {}
+    sd = src.state_dict()
+    out = {}
+    for k, v in sd.items():
+        spec = keep.get(k, [])
+        for dim, idx in ([spec] if isinstance(spec, tuple) else spec):
+            v = v.index_select(dim, torch.as_tensor(idx))
+        out[k] = v
+    ref.load_state_dict(out)
+    return ref

@@ -1,0 +1,187 @@
+"""Every registered op rule, exercised inside a small network and checked by ``assert_rule``
+(zero-ratio identity, masked oracle in float64, exact parameter shapes, ONNX parity, save/load).
+
+``test_every_rule_is_covered`` fails when a rule is added to the registry without a case here.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import structprune as sp
+from structprune.ops.registry import registry
+from structprune.testing import assert_rule, randomize_
+
+
+class Net(nn.Module):
+    """conv(3->8) -> op -> a consumer; the op's rule decides what of the 8 channels is prunable."""
+
+    def __init__(self, op, consumer=None, c=8, extra=None):
+        super().__init__()
+        self.pre = nn.Conv2d(3, c, 3, padding=1)
+        self.op = op
+        self.extra = extra
+        self.post = consumer if consumer is not None else nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        return self.post(self.op(self, self.pre(x)))
+
+
+def img(shape=(2, 3, 6, 6)):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+class Seq(nn.Module):
+    def __init__(self, *mods):
+        super().__init__()
+        self.m = nn.Sequential(*mods)
+
+    def forward(self, x):
+        return self.m(x)
+
+
+class Tokens(nn.Module):
+    """Linear(6->8) on [B, T, 6] tokens -> op -> Linear(... -> 3)."""
+
+    def __init__(self, op, out_in=8):
+        super().__init__()
+        self.pre, self.op, self.post = nn.Linear(6, 8), op, nn.Linear(out_in, 3)
+
+    def forward(self, x):
+        return self.post(self.op(self, self.pre(x)))
+
+
+def tok():
+    return torch.randn(2, 5, 6, dtype=torch.float64)
+
+
+CASES = {
+    # elementwise, activations, broadcasting
+    "relu_module": (lambda: Seq(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(0.1), nn.Conv2d(8, 2, 1)), img),
+    "functional_unary": (lambda: Net(lambda s, x: torch.sigmoid(F.gelu(x)).clone().contiguous()), img),
+    "type_as": (lambda: Net(lambda s, x: x.type_as(x) * 2), img),
+    "add_mul_broadcast_se": (lambda: Net(lambda s, x: x * torch.sigmoid(x.mean((2, 3), keepdim=True)) + 1.0), img),
+    "prelu_per_channel": (lambda: Seq(nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.Conv2d(8, 2, 1)), img),
+    "reduce_sum_max_keep_channels": (lambda: Net(lambda s, x: x.amax(dim=3, keepdim=True) + x.sum(2, keepdim=True)), img),
+    "softmax_over_spatial": (lambda: Net(lambda s, x: F.softmax(x, dim=-1)), img),
+    # conv family
+    "conv1d": (lambda: Seq(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 2, 1)), lambda: img((2, 3, 9))),
+    "conv3d": (lambda: Seq(nn.Conv3d(3, 6, 2), nn.ReLU(), nn.Conv3d(6, 2, 1)), lambda: img((1, 3, 4, 4, 4))),
+    "conv_transpose1d": (lambda: Seq(nn.Conv1d(3, 6, 1), nn.ConvTranspose1d(6, 4, 2, stride=2), nn.Conv1d(4, 2, 1)), lambda: img((2, 3, 5))),
+    "functional_conv": (lambda: Net(lambda s, x: F.conv2d(x, s.extra.weight, s.extra.bias, 1, 1, 1, 1),
+                                    extra=nn.Conv2d(8, 8, 3)), img),
+    # linear family
+    "linear_tokens": (lambda: Tokens(lambda s, x: F.relu(x)), tok),
+    "functional_linear": (lambda: Tokens(lambda s, x: x, out_in=8), tok),
+    "embedding": (lambda: EmbedNet(), lambda: torch.randint(0, 10, (2, 5))),
+    "matmul_bmm_mm": (lambda: Tokens(lambda s, x: torch.bmm(x, x.transpose(1, 2)) @ x), tok),
+    "einsum": (lambda: Tokens(lambda s, x: torch.einsum("btc,bsc->bts", x, x).softmax(-1) @ x), tok),
+    # norms
+    "batchnorm1d_tokens": (lambda: Seq(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)), lambda: img((4, 6))),
+    "functional_batchnorm": (lambda: Net(lambda s, x: F.batch_norm(x, s.extra.running_mean, s.extra.running_var,
+                                                                   s.extra.weight, s.extra.bias), extra=nn.BatchNorm2d(8)), img),
+    "group_norm": (lambda: Seq(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.Conv2d(8, 2, 1)), img),
+    "functional_embedding": (lambda: FEmbedNet(), lambda: torch.randint(0, 10, (2, 5))),
+    "instance_norm": (lambda: Seq(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8, affine=True), nn.Conv2d(8, 2, 1)), img),
+    "functional_group_norm": (lambda: Net(lambda s, x: F.group_norm(x, 4, s.extra.weight, s.extra.bias), extra=nn.GroupNorm(4, 8)), img),
+    "layernorm_channels_last": (lambda: Seq(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(),
+                                            nn.Linear(16, 8), nn.LayerNorm(8), nn.Linear(8, 3)), tok),
+    # pooling, resampling, padding, shuffles
+    "pool1d": (lambda: Seq(nn.Conv1d(3, 8, 1), nn.MaxPool1d(2), nn.AdaptiveAvgPool1d(2), nn.Conv1d(8, 2, 1)), lambda: img((2, 3, 8))),
+    "pool2d": (lambda: Seq(nn.Conv2d(3, 8, 1), nn.MaxPool2d(2), nn.AvgPool2d(1), nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 2, 1)), img),
+    "pool3d": (lambda: Seq(nn.Conv3d(3, 8, 1), nn.MaxPool3d(2), nn.Conv3d(8, 2, 1)), lambda: img((1, 3, 4, 4, 4))),
+    "interpolate": (lambda: Net(lambda s, x: F.interpolate(x, scale_factor=2, mode="bilinear") + 0), img),
+    "pad": (lambda: Net(lambda s, x: F.pad(x, (1, 1, 2, 0))), img),
+    "pixel_shuffle": (lambda: Seq(nn.Conv2d(3, 16, 1), nn.PixelShuffle(2), nn.Conv2d(4, 2, 1)), img),
+    "channel_shuffle": (lambda: Seq(nn.Conv2d(3, 8, 1), nn.ChannelShuffle(2), nn.Conv2d(8, 2, 1)), img),
+    # shape ops
+    "view_reshape_literal": (lambda: Net(lambda s, x: x.view(x.size(0), 8, -1).reshape(x.size(0), 8, 6, 6)), img),
+    "flatten_linear": (lambda: Net(lambda s, x: torch.flatten(x, 1), consumer=nn.Linear(8 * 36, 3)), img),
+    "unflatten_squeeze": (lambda: Net(lambda s, x: x.flatten(2).unflatten(2, (6, 6)).unsqueeze(0).squeeze(0)), img),
+    "permute_transpose": (lambda: Net(lambda s, x: x.permute(0, 2, 3, 1).transpose(1, 2).permute(0, 3, 2, 1)), img),
+    "getattr_shape_T": (lambda: Tokens(lambda s, x: (x.mT.mT + x.shape[0])), tok),
+    "size_queries": (lambda: Net(lambda s, x: x.view(x.size(0), x.size(1), x.dim() + 2, -1)), img),
+    "cat_stack": (lambda: Net(lambda s, x: torch.cat([x, x * 2], 1)[:, :8] + torch.stack([x, x], 0).sum(0)), img),
+    "split_unbind": (lambda: Net(_split_unbind), img),
+    "getitem_slices": (lambda: Net(lambda s, x: x[:, 2:6, ..., None][..., 0] * x[:, 4:8],
+                                   consumer=nn.Conv2d(4, 4, 1)), img),
+    "expand_repeat": (lambda: Net(lambda s, x: x.mean((2, 3), keepdim=True).expand(-1, -1, 6, 6) + x.repeat(1, 1, 1, 1)), img),
+    # attention
+    "sdpa_heads": (lambda: Heads(sdpa=True), tok),
+    "mha": (lambda: MHANet(), tok),
+}
+
+
+def _split_unbind(s, x):
+    a, b = x.split([4, 4], dim=1)  # swapping halves pairs channel i with i+4
+    u0, u1 = x.unbind(0)
+    return torch.cat([b, a], 1) + torch.stack([u0, u1], 0)
+
+
+class EmbedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(10, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.lin(F.relu(self.emb(ids)))
+
+
+class FEmbedNet(EmbedNet):
+    def forward(self, ids):
+        return self.lin(F.relu(F.embedding(ids, self.emb.weight)))
+
+
+class Heads(nn.Module):
+    def __init__(self, sdpa=True):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(6, 24), nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, 4, 2).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 8))
+
+
+class MHANet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(6, 8), nn.MultiheadAttention(8, 4, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.attn(h, h, h)[0])
+
+
+def _build(name):
+    make, inp = CASES[name]
+    torch.manual_seed(0)
+    m = make()
+    return randomize_(m).double().eval(), inp()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rule_case(name):
+    model, x = _build(name)
+    graph = sp.trace(model, x)
+    assert graph.groups(), f"{name}: nothing prunable; frozen: {graph.frozen()}"
+    assert_rule(model, x, ratio=0.5, importance="random", onnx=True)
+
+
+def test_layernorm_freezes_its_dim_only():
+    model, x = _build("layernorm_channels_last")
+    graph = sp.trace(model, x)
+    assert any("LayerNorm normalises" in e.reason for e in graph.frozen())
+    for g in graph.groups():
+        assert not any(m.module in ("m.1", "m.5") for m in g.params)  # the LayerNorms
+    assert any(any(m.module == "m.2" for m in g.params) for g in graph.groups())  # the MLP width
+
+
+def test_every_rule_is_covered():
+    used = set()
+    for name in CASES:
+        model, x = _build(name)
+        used |= {type(r).__name__ for r in sp.trace(model, x).node_rules.values()}
+    defined = {type(r).__name__ for r in registry().values()}
+    missing = defined - used - {"Frozen"}
+    assert not missing, f"rules without a test case: {sorted(missing)}"
