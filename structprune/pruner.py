@@ -101,6 +101,7 @@ class Pruner:
         self._graph: Optional[DependencyGraph] = None
         self._ignore_paths = resolve_ignore(model, self.config.ignore)
         self.base_macs: Optional[int] = None
+        self._orig_sizes: dict = {}
 
     # --- the graph of the current model ---------------------------------------------------------
     @property
@@ -112,6 +113,7 @@ class Pruner:
                                 leaf_modules=self.config.leaf_modules, ignore=ignore)
             if self.base_macs is None:
                 self.base_macs = count_macs(self._graph)
+                self._orig_sizes = {s: n for s, n in self._graph.table.size.items() if s.is_param}
         return self._graph
 
     def _step_fraction(self, k: int) -> float:
@@ -119,6 +121,21 @@ class Pruner:
         n, r = self.config.iterative_steps, float(self.config.ratio)
         before, after = 1 - r * (k - 1) / n, 1 - r * k / n
         return 1 - after / before
+
+    def _step_ratios(self, k: int) -> dict[int, float]:
+        """Per-group ratios for step k so that after step k each group keeps exactly what one-shot
+        pruning at ``ratio * k / n`` of its original width would (no rounding drift)."""
+        cum = float(self.config.ratio) * k / self.config.iterative_steps
+        out = {}
+        for g in self.graph.groups():
+            sizes = [self._orig_sizes[m.space] for m in g.params if m.space in self._orig_sizes]
+            cur = [self.graph.space_size(m.space) for m in g.params if m.space in self._orig_sizes]
+            if not sizes:
+                continue
+            orig_units = round(g.num_units * sizes[0] / cur[0])
+            keep = orig_units - int(cum * orig_units + 1e-9)
+            out[g.id] = max(0.0, 1 - keep / g.num_units)
+        return out
 
     def scores(self) -> dict[int, torch.Tensor]:
         """One score per unit for every group the importance can score."""
@@ -141,10 +158,10 @@ class Pruner:
         scores = self.scores()
         max_ratio = cfg.max_ratio if cfg.max_ratio is not None else (0.9 if cfg.global_ else 1.0)
 
-        def plan_for(ratio: float) -> dict[int, torch.Tensor]:
+        def plan_for(ratio: float, ratio_of: Optional[dict] = None) -> dict[int, torch.Tensor]:
             if cfg.global_:
                 return allocate.global_(groups, scores, ratio, cfg.round_to, max_ratio)
-            return allocate.uniform(groups, scores, ratio, cfg.round_to, max_ratio)
+            return allocate.uniform(groups, scores, ratio, cfg.round_to, max_ratio, ratio_of)
 
         if cfg.target_macs is not None:
             n, k = cfg.iterative_steps, self.steps_done + 1
@@ -154,6 +171,9 @@ class Pruner:
             frac = min(1.0, goal * base / max(here, 1))
             drops = allocate.mac_target(plan_for, lambda d: count_macs(
                 graph, Plan(graph, d).new_sizes()), here, frac)
+        elif cfg.iterative_steps > 1 and not cfg.global_:
+            k = self.steps_done + 1
+            drops = plan_for(self._step_fraction(k), self._step_ratios(k))
         else:
             drops = plan_for(self._step_fraction(self.steps_done + 1))
         return Plan(graph, drops)

@@ -22,7 +22,7 @@ def mac_target(plan_for: Callable[[float], dict[int, torch.Tensor]],
     best = plan_for(hi)
     reached = macs_of(best)
     if reached > budget:
-        raise PlanError(f"target_macs={target} is out of reach: pruning everything prunable keeps "
+        raise PlanError(f"target_macs={target:.3g} is out of reach: pruning everything prunable keeps "
                         f"{reached / max(base_macs, 1):.3f} of the MACs (frozen ops and graph "
                         f"inputs/outputs cannot shrink); ask for at least that fraction")
     for _ in range(iters):

@@ -26,14 +26,16 @@ def keep_count(num_units: int, ratio: float, round_to: Optional[int], width: int
 
 
 def uniform(groups: list[Group], scores: dict[int, torch.Tensor], ratio: float,
-            round_to: Optional[int] = None, max_ratio: float = 1.0) -> dict[int, torch.Tensor]:
-    """Drop the ``ratio`` lowest-scoring units of every scored group."""
+            round_to: Optional[int] = None, max_ratio: float = 1.0,
+            ratio_of: Optional[dict[int, float]] = None) -> dict[int, torch.Tensor]:
+    """Drop the ``ratio`` (or ``ratio_of[group id]``) lowest-scoring units of every scored group."""
     out = {}
     for g in groups:
         s = scores.get(g.id)
         if s is None:
             continue
-        keep = keep_count(g.num_units, ratio, round_to, g.width, max_ratio)
+        r = ratio_of.get(g.id, ratio) if ratio_of else ratio
+        keep = keep_count(g.num_units, r, round_to, g.width, max_ratio)
         n_drop = g.num_units - keep
         if n_drop > 0:
             out[g.id] = torch.argsort(s, stable=True)[:n_drop].sort().values

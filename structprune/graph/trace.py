@@ -68,6 +68,7 @@ class Tracer(fx.Tracer):
         self.rules = rules
         self.user_leaves = tuple(leaf_modules)
         self._sp_path_stack: list[str] = []
+        self._sp_failed_at: Optional[str] = None
 
     def _is_user_leaf(self, m: nn.Module) -> bool:
         return any(m is leaf or (isinstance(leaf, type) and isinstance(m, leaf))
@@ -97,6 +98,10 @@ class Tracer(fx.Tracer):
                     return out
                 return self.create_proxy("call_module", path, args, kwargs)
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self._sp_failed_at is None:  # the innermost module is the culprit
+                self._sp_failed_at = path
+            raise
         finally:
             self._sp_path_stack.pop()
 
@@ -119,8 +124,7 @@ def capture(model: nn.Module, rules: dict[RuleKey, OpRule], leaf_modules: Iterab
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many types; all mean "could not capture"
-        where = tracer._sp_path_stack[-1] if tracer._sp_path_stack else "(top level)"
-        where = where or "(top level)"
+        where = tracer._sp_failed_at or "(top level)"
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: in module '{where}' at "
             f"{_user_frame(exc)}: {type(exc).__name__}: {exc}. If this module branches on tensor "
