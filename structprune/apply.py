@@ -8,7 +8,7 @@ shape the plan implies, or the pass raises. A wrong model is never returned sile
 """
 from __future__ import annotations
 
-import operator
+import copy
 from typing import Any, Optional
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .errors import UnsupportedOpError
 from .graph.coupling import Space
-from .graph.trace import eval_mode, placeholder_values
+from .graph.trace import ShapeInterpreter, placeholder_values
 from .plan import Plan
 
 
@@ -27,12 +27,13 @@ def _owner(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(path) if path else root), name
 
 
-def slice_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]) -> None:
-    """Remove the dropped indices from every parameter, buffer and tensor attribute of ``root``."""
+def sliced_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]) -> dict[str, torch.Tensor]:
+    """New tensors for every parameter, buffer or tensor attribute of ``root`` that loses indices."""
     by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
     for s, idx in dropped.items():
         if s.is_param and len(idx):
             by_tensor.setdefault(s.key[1:], []).append((s.dim, idx))
+    out = {}
     for qual, dims in by_tensor.items():
         owner, name = _owner(root, qual)
         t = getattr(owner, name)
@@ -40,13 +41,26 @@ def slice_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]) -> None:
         for dim, idx in dims:
             keep = np.setdiff1d(np.arange(new.shape[dim]), idx)
             new = new.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=t.device))
-        new = new.clone().contiguous()
-        if isinstance(t, nn.Parameter):
-            setattr(owner, name, nn.Parameter(new, requires_grad=t.requires_grad))
-        elif name in owner._buffers:
-            owner._buffers[name] = new
-        else:
-            setattr(owner, name, new)
+        new = new.contiguous()
+        out[qual] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(
+            t, nn.Parameter) else new
+    return out
+
+
+def copy_sliced(gm: fx.GraphModule, dropped: dict[Space, np.ndarray]) -> fx.GraphModule:
+    """A deep copy of ``gm`` in which the tensors that lose indices are already sliced.
+
+    The sliced tensors are handed to ``deepcopy`` through its memo, so each weight is copied
+    once (sliced or whole), never copied and then sliced.
+    """
+    new = sliced_tensors(gm, dropped)
+    memo = {}
+    for qual, t in new.items():
+        owner, name = _owner(gm, qual)
+        memo[id(getattr(owner, name))] = t
+    target = copy.deepcopy(gm, memo)
+    target.__class__.__name__ = type(gm).__name__  # deepcopy drops the model's name
+    return target
 
 
 class ApplyContext:
@@ -101,10 +115,10 @@ class ApplyContext:
             n.kwargs = kwargs
 
 
-class _Applier(fx.Interpreter):
+class _Applier(ShapeInterpreter):
     def __init__(self, gm: fx.GraphModule, rules: dict[str, Any], shapes: dict[str, Any],
-                 dropped: dict[Space, np.ndarray]) -> None:
-        super().__init__(gm)
+                 dropped: dict[Space, np.ndarray], meta: bool) -> None:
+        super().__init__(gm, meta)
         self.node_rules, self.shapes, self.dropped_idx = rules, shapes, dropped
         self.modules = dict(gm.named_modules())
 
@@ -138,15 +152,19 @@ class _Applier(fx.Interpreter):
                 f"leaf_modules=) or register a rule for it. Nothing was returned.")
 
 
-def apply_plan(plan: Plan, target: fx.GraphModule, example_inputs: tuple[tuple, dict]) -> fx.GraphModule:
-    """Slice ``target`` (a copy of ``plan.graph.graph_module``) according to ``plan`` in place."""
+def apply_plan(plan: Plan, example_inputs: tuple[tuple, dict]) -> fx.GraphModule:
+    """A new, sliced copy of ``plan.graph.graph_module``; the traced model is not touched."""
     graph = plan.graph
     dropped = plan.dropped_indices()
-    slice_tensors(target, dropped)
+    target = copy_sliced(graph.graph_module, dropped)
     args, kwargs = example_inputs
-    applier = _Applier(target, graph.node_rules, graph.shapes, dropped)
-    with torch.no_grad(), eval_mode(target):
-        applier.run(*placeholder_values(target, args, kwargs))
+    inputs = placeholder_values(target, args, kwargs)
+    try:  # updates are idempotent, so a failed meta run can be redone for real
+        _Applier(target, graph.node_rules, graph.shapes, dropped, meta=True).run_graph(inputs)
+    except UnsupportedOpError:
+        raise
+    except Exception:
+        _Applier(target, graph.node_rules, graph.shapes, dropped, meta=False).run_graph(inputs)
     target.graph.lint()
     target.recompile()
     return target

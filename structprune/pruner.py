@@ -111,8 +111,7 @@ class Pruner:
             ignore = [mods[p] for p in self._ignore_paths if p in mods]
             self._graph = trace(self.model, self.example_inputs, rules=self.config.rules,
                                 leaf_modules=self.config.leaf_modules, ignore=ignore)
-            if self.base_macs is None:
-                self.base_macs = count_macs(self._graph)
+            if not self._orig_sizes:
                 self._orig_sizes = {s: n for s, n in self._graph.table.size.items() if s.is_param}
         return self._graph
 
@@ -165,7 +164,9 @@ class Pruner:
 
         if cfg.target_macs is not None:
             n, k = cfg.iterative_steps, self.steps_done + 1
-            base = self.base_macs or count_macs(graph)
+            if self.base_macs is None:
+                self.base_macs = count_macs(graph)
+            base = self.base_macs
             goal = 1 - (1 - cfg.target_macs) * k / n  # fraction of the original, after step k
             here = count_macs(graph)
             frac = min(1.0, goal * base / max(here, 1))
@@ -188,8 +189,7 @@ class Pruner:
             raise PlanError("this plan was made on another graph; build it with this pruner")
         if plan.is_empty:
             return copy.deepcopy(self.model)
-        target = copy.deepcopy(self.graph.graph_module)
-        apply_plan(plan, target, self._inputs)
+        target = apply_plan(plan, self._inputs)
         target.train(self.model.training)
         return target
 

@@ -115,7 +115,10 @@ class Group:
 
 
 def build_groups(table: SpaceTable, sol: Solution, roles: dict[Space, str]) -> list[Group]:
-    """Turn the components into groups; components without any parameter are left out."""
+    """Turn the components into groups; components without any parameter are left out.
+
+    Vectorised: units are grouped by a 128-bit hash of their (space, count) signature.
+    """
     label = sol.label
     starts = table.starts()
     elems = np.arange(1, table.total, dtype=np.int64)
@@ -130,29 +133,43 @@ def build_groups(table: SpaceTable, sol: Solution, roles: dict[Space, str]) -> l
     elems, lab, space_idx = elems[sel], lab[sel], space_idx[sel]
     if elems.size == 0:
         return []
-    # The signature of a unit: the sorted tuple of spaces (and counts) it touches.
-    order = np.lexsort((elems, space_idx, lab))
-    elems, lab, space_idx = elems[order], lab[order], space_idx[order]
-    pairs, counts = np.unique(np.stack([lab, space_idx]), axis=1, return_counts=True)
-    bounds = np.flatnonzero(np.diff(pairs[0])) + 1
-    sig_of: dict[tuple, list[int]] = {}
-    for chunk, cnt in zip(np.split(pairs, bounds, axis=1), np.split(counts, bounds)):
-        sig = tuple(zip(chunk[1].tolist(), cnt.tolist()))
-        sig_of.setdefault(sig, []).append(int(chunk[0, 0]))
+    # Signature hash of each label: sum over its elements of a random weight of their space.
+    rng = np.random.default_rng(12345)
+    w1 = rng.integers(1, 2**62, size=len(table.order), dtype=np.int64)
+    w2 = rng.integers(1, 2**62, size=len(table.order), dtype=np.int64)
+    ulab, inv = np.unique(lab, return_inverse=True)
+    h1 = np.zeros(len(ulab), dtype=np.int64)
+    h2 = np.zeros(len(ulab), dtype=np.int64)
+    with np.errstate(over="ignore"):
+        np.add.at(h1, inv, w1[space_idx])
+        np.add.at(h2, inv, w2[space_idx])
+    _, sig = np.unique(np.stack([h1, h2], axis=1), axis=0, return_inverse=True)
+    sig = sig.reshape(-1)
+    # Order groups by their first label (graph order), units inside a group by label.
+    first = np.full(sig.max() + 1, np.iinfo(np.int64).max)
+    np.minimum.at(first, sig, ulab)
+    group_rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")
+    gid_of_ulab = group_rank[sig]
+    order_u = np.lexsort((ulab, gid_of_ulab))
+    unit_of_ulab = np.empty(len(ulab), dtype=np.int64)
+    counts_per_group = np.bincount(gid_of_ulab)
+    offsets = np.concatenate([[0], np.cumsum(counts_per_group)[:-1]])
+    unit_of_ulab[order_u] = np.arange(len(ulab)) - offsets[gid_of_ulab[order_u]]
+    e_gid, e_unit = gid_of_ulab[inv], unit_of_ulab[inv]
+    # One pass over elements sorted by (group, space, unit, index).
+    o = np.lexsort((elems, e_unit, space_idx, e_gid))
+    elems, e_gid, e_unit, space_idx = elems[o], e_gid[o], e_unit[o], space_idx[o]
+    cut = np.flatnonzero((np.diff(e_gid) != 0) | (np.diff(space_idx) != 0)) + 1
+    bounds = np.concatenate([[0], cut, [len(elems)]])
+    members: list[list[Member]] = [[] for _ in range(len(counts_per_group))]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        space = table.order[space_idx[a]]
+        idx = elems[a:b] - table.offset[space]
+        members[e_gid[a]].append(Member(space, torch.from_numpy(idx.copy()),
+                                        torch.from_numpy(e_unit[a:b].copy()), roles.get(space)))
+    labels_sorted = ulab[order_u]
     groups = []
-    for gid, (sig, labels) in enumerate(sorted(sig_of.items(), key=lambda kv: min(kv[1]))):
-        labels_arr = np.array(sorted(labels), dtype=np.int64)
-        unit_of = {int(l): u for u, l in enumerate(labels_arr)}
-        members = []
-        in_group = np.isin(lab, labels_arr)
-        g_elems, g_lab, g_space = elems[in_group], lab[in_group], space_idx[in_group]
-        for s_i, _ in sig:
-            m = g_space == s_i
-            space = table.order[s_i]
-            idx = g_elems[m] - table.offset[space]
-            units = np.array([unit_of[int(l)] for l in g_lab[m]], dtype=np.int64)
-            o = np.lexsort((idx, units))
-            members.append(Member(space, torch.from_numpy(idx[o]), torch.from_numpy(units[o]),
-                                  roles.get(space)))
-        groups.append(Group(gid, len(labels_arr), members, labels_arr))
+    for gid, n in enumerate(counts_per_group.tolist()):
+        labs = labels_sorted[offsets[gid]:offsets[gid] + n]
+        groups.append(Group(gid, n, members[gid], labs))
     return groups

@@ -35,8 +35,18 @@ def tensor_of(graph: object, member: Member) -> torch.Tensor:
 
 def per_index(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply ``fn`` element-wise and sum over every dim but ``dim``: ``[t.shape[dim]]``."""
-    v = fn(t.detach().double())
-    return v.transpose(0, dim).reshape(t.shape[dim], -1).sum(1)
+    v = fn(t.detach())
+    others = [d for d in range(t.dim()) if d != dim]
+    return (v.sum(others, dtype=torch.float64) if others else v.double())
+
+
+def lp_per_index(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
+    """``sum |t|^p`` over every dim but ``dim`` in one pass: ``[t.shape[dim]]``."""
+    t = t.detach()
+    a = t * t if p == 2 else t.abs().pow(p)
+    if dim < t.dim() - 1:  # trailing dims are contiguous: reduce them first, in one sweep
+        a = a.flatten(dim + 1).sum(-1)
+    return a.reshape(-1, t.shape[dim]).sum(0).double()
 
 
 def to_units(group: Group, member: Member, values: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..graph.group import Group
-from .base import (Normalizer, Reduction, normalize, per_index, reduce_members, scored_members,
+from .base import (Normalizer, Reduction, lp_per_index, normalize, per_index, reduce_members, scored_members,
                    tensor_of, to_units)
 
 
@@ -32,7 +32,7 @@ class MagnitudeImportance:
     def __call__(self, group: Group, graph: object) -> Optional[torch.Tensor]:
         scores = []
         for m in scored_members(group, self.roles):
-            v = per_index(tensor_of(graph, m), m.dim, lambda t: t.abs().pow(self.p))
+            v = lp_per_index(tensor_of(graph, m), m.dim, self.p)
             scores.append(to_units(group, m, v))
         s = reduce_members(scores, self.reduction)
         return None if s is None else normalize(s, self.normalizer)
@@ -52,7 +52,7 @@ class BNScaleImportance:
         self.normalizer = normalizer
 
     def __call__(self, group: Group, graph: object) -> Optional[torch.Tensor]:
-        scores = [to_units(group, m, per_index(tensor_of(graph, m), m.dim, torch.abs))
+        scores = [to_units(group, m, lp_per_index(tensor_of(graph, m), m.dim, 1))
                   for m in scored_members(group, ("norm",))]
         s = reduce_members(scores, "sum")
         return None if s is None else normalize(s, self.normalizer)
