@@ -123,18 +123,23 @@ def test_random_dag_cnn_passes_the_oracle(arch, ratio, importance):
     assert_oracle(pruner, plan, tol=1e-5)
 
 
-def test_the_generator_reaches_prunable_residual_graphs():
+def test_most_generated_graphs_have_something_to_prune():
     """Guard against a generator whose examples are all frozen (a property that cannot fail)."""
-    from hypothesis import find
+    from hypothesis import Phase
 
-    def prunes(arch):
+    seen = []
+
+    @settings(max_examples=100, deadline=None, derandomize=True, phases=[Phase.generate],
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(arch=architectures())
+    def sample(arch):
         spec, channels, head = arch
         model = RandomNet(spec, channels, head).double().eval()
         x = torch.randn(2, 3, HW, HW, dtype=torch.float64)
         plan = Pruner(model, x, ratio=0.5, importance="random").plan()
-        kinds = {s[0] for s in spec}
-        return plan.num_dropped() >= 4 and {"add", "cat", "shuffle"} <= kinds
+        seen.append((plan.num_dropped() > 0, {s[0] for s in spec}))
 
-    arch = find(architectures(), prunes,
-                settings=settings(max_examples=2000, deadline=None, derandomize=True))
-    assert prunes(arch)
+    sample()
+    pruned = [kinds for ok, kinds in seen if ok]
+    assert len(pruned) >= 0.7 * len(seen)
+    assert sum(1 for k in pruned if k & {"add", "cat", "shuffle", "chunk"}) >= 0.3 * len(seen)
