@@ -39,7 +39,9 @@ def sliced_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]) -> dict[st
         t = getattr(owner, name)
         new = t.detach()
         for dim, idx in dims:
-            keep = np.setdiff1d(np.arange(new.shape[dim]), idx)
+            mask = np.ones(new.shape[dim], dtype=bool)
+            mask[idx] = False
+            keep = np.flatnonzero(mask)
             new = new.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=t.device))
         new = new.contiguous()
         out[qual] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(

@@ -66,7 +66,8 @@ class Plan:
                 sel = mask[m.unit.numpy()]
                 if sel.any():
                     out.setdefault(m.space, []).append(m.index.numpy()[sel])
-        return {s: np.unique(np.concatenate(v)) for s, v in out.items()}
+        return {s: np.sort(v[0]) if len(v) == 1 else np.unique(np.concatenate(v))
+                for s, v in out.items()}
 
     def new_sizes(self) -> dict[Space, int]:
         """The size of every space after the plan."""

@@ -177,6 +177,29 @@ def to_meta(v: Any) -> Any:
     return v
 
 
+def _meta_fast_path(mod: nn.Module, args: Any, kwargs: Any) -> Any:
+    """Output of common modules on meta inputs without their (slow) meta decompositions."""
+    from ..ops.elementwise import _UNARY_MODULES
+
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0]
+    cls = type(mod)
+    if cls in _UNARY_MODULES or cls in _SAME_SHAPE:
+        return torch.empty_like(x)
+    if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        b = mod.bias.to("meta") if mod.bias is not None else None
+        return mod._conv_forward(x, mod.weight.to("meta"), b)
+    if cls is nn.Linear:
+        b = mod.bias.to("meta") if mod.bias is not None else None
+        return torch.nn.functional.linear(x, mod.weight.to("meta"), b)
+    return None
+
+
+_SAME_SHAPE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
+               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU)
+
+
 class ShapeInterpreter(fx.Interpreter):
     """An fx Interpreter that can run on the meta device: shapes without arithmetic.
 
@@ -191,9 +214,12 @@ class ShapeInterpreter(fx.Interpreter):
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         if not self.meta:
             return super().call_module(target, args, kwargs)
+        mod = self.fetch_attr(target)
+        fast = _meta_fast_path(mod, args, kwargs)
+        if fast is not None:
+            return fast
         from torch.func import functional_call
 
-        mod = self.fetch_attr(target)
         tensors = {k: v.to("meta") for k, v in list(mod.named_parameters())
                    + list(mod.named_buffers())}
         return functional_call(mod, tensors, args, kwargs)
