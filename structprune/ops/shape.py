@@ -329,8 +329,8 @@ class GetItemRule(OpRule):
                     yield Couple(Space(f"{src.name}#{k % len(items)}", d), ctx.out(d))
             return
         sx = ctx.shape(src)
-        if sx is None or ctx.out_shape is None:
-            return
+        if sx is None or ctx.out_shape is None or _has_tensor(ctx, index):
+            return  # advanced (tensor) indexing: everything it touches stays frozen
         plan = _index_plan(ctx.value(index), sx)
         if plan is None:
             return
@@ -350,7 +350,9 @@ class GetItemRule(OpRule):
         if not isinstance(src, fx.Node) or actx.old_items(src) is not None:
             return
         sx = actx.old_shape(src)
-        if sx is None:
+        items_raw = index if isinstance(index, (tuple, list)) else [index]
+        if sx is None or any(isinstance(it, fx.Node) and actx.old_shape(it) is not None
+                             for it in items_raw):
             return
         value = actx.value(index)
         plan = _index_plan(value, sx)
@@ -374,6 +376,12 @@ class GetItemRule(OpRule):
             changed = True
         if changed:
             node.args = (src, tuple(items) if isinstance(value, tuple) else items[0])
+
+
+def _has_tensor(ctx: CoupleContext, index: Any) -> bool:
+    items = index if isinstance(index, (tuple, list)) else [index]
+    return any(isinstance(it, fx.Node) and (ctx.shape(it) is not None
+                                            or ctx.item_shapes(it) is not None) for it in items)
 
 
 def _positions(items: list[Any]) -> dict[int, int]:

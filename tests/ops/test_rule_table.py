@@ -185,3 +185,28 @@ def test_every_rule_is_covered():
     defined = {type(r).__name__ for r in registry().values()}
     missing = defined - used - {"Frozen"}
     assert not missing, f"rules without a test case: {sorted(missing)}"
+
+
+class TensorIndex(nn.Module):
+    """``table[idx]`` with a tensor index (relative position bias tables): frozen, not guessed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.table = nn.Conv2d(3, 8, 1), nn.Parameter(torch.randn(5, 8))
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.register_buffer("idx", torch.tensor([0, 2, 4, 1, 3, 0]))
+        self.post = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        bias = self.table[self.idx]  # [6, 8]
+        return self.post(self.mid(F.relu(self.conv(x))) + bias.t().reshape(1, 8, 6, 1))
+
+
+def test_tensor_indexing_is_frozen_but_the_rest_prunes():
+    torch.manual_seed(0)
+    model = randomize_(TensorIndex()).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    graph = sp.trace(model, x)
+    params = {m.qualname for g in graph.groups() for m in g.params}
+    assert "table" not in params and "mid.bias" not in params and "conv.weight" in params
+    assert_rule(model, x, ratio=0.5, importance="random", onnx=False)
