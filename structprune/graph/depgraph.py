@@ -159,8 +159,15 @@ class DependencyGraph:
             return [Freeze(s, rule.reason) for s in own + inputs]
         ctx = CoupleContext(n, module, self.shapes, self.values,
                             str(n.target) if n.op == "call_module" else None)
+        try:
+            produced = list(rule.couple(ctx))
+        except Exception as exc:  # a rule that cannot read this call: freeze, never guess
+            reason = (f"{type(rule).__name__} cannot handle this call "
+                      f"({type(exc).__name__}: {exc})")
+            self._frozen.append(FrozenEntry(n.name, describe(n), reason))
+            return [Freeze(s, reason) for s in own + inputs]
         recs = []
-        for r in rule.couple(ctx):
+        for r in produced:
             if isinstance(r, Role):
                 self.roles.setdefault(r.space, r.role)
             else:

@@ -160,10 +160,10 @@ class ReduceRule(OpRule):
         if name in ("max", "min") and isinstance(dim, fx.Node):  # torch.max(x, y): binary
             yield from broadcast(ctx, ctx.node.all_input_nodes, ctx.node)
             return
-        reduced = _reduced_dims(dim, len(sx))
+        reduced = _reduced_dims(ctx.value(dim), len(sx))
         if reduced is None:
             return
-        keepdim = bool(ctx.arg(dim_pos + 1, "keepdim", False))
+        keepdim = bool(ctx.value(ctx.arg(dim_pos + 1, "keepdim", False)))
         outs = [ctx.node] if ctx.out_shape is not None else []
         item_shapes = ctx.item_shapes(ctx.node) or []
         kept = [d for d in range(len(sx)) if d not in reduced]
@@ -186,7 +186,7 @@ class SoftmaxRule(OpRule):
         sx = ctx.shape(x)
         if sx is None:
             return
-        dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
+        dim = ctx.module.dim if ctx.module is not None else ctx.value(ctx.arg(1, "dim"))
         if dim is None:  # legacy implicit dim: be safe
             return
         dim %= len(sx)
