@@ -4,7 +4,8 @@ The file is one safetensors file: the tensors (parameters, buffers, tensor const
 metadata, a JSON spec of the module tree (class path and plain attributes of every submodule)
 and of the fx graph (op, target, args of every node). Loading rebuilds the modules and the
 ``fx.GraphModule``. Only functions and classes from ``torch``, ``operator``, ``math`` and
-``builtins`` are resolved, so loading a file never runs code that is not already installed.
+``builtins`` are resolved, plus registered operators (``torch.ops.aten.conv2d.default``, in graphs
+captured by ``torch.export``), so loading a file never runs code that is not already installed.
 """
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ def _enc(v: Any, where: str) -> Any:
         return {"memory_format": str(v).replace("torch.", "")}
     if isinstance(v, torch.layout):
         return {"layout": str(v).replace("torch.", "")}
+    if isinstance(v, torch._ops.OpOverload):  # torch.ops.aten.conv2d.default
+        return {"op": f"{v.namespace}.{v._schema.name.split('::', 1)[-1]}.{v._overloadname}"}
+    if isinstance(v, torch._ops.OpOverloadPacket):  # torch.ops.aten.conv2d
+        return {"op": v._qualified_op_name.replace("::", ".", 1)}
     if callable(v):
         return {"fn": _qualname(v, where)}
     raise SerializationError(f"{where}: cannot store a {type(v).__name__} ({v!r})")
@@ -83,6 +88,8 @@ def _dec(v: Any, nodes: dict[str, fx.Node]) -> Any:
         return torch.device(x)
     if tag == "fn":
         return _resolve(x)
+    if tag == "op":
+        return _resolve_op(x)
     raise SerializationError(f"unknown tag {tag!r} in the file")
 
 
@@ -114,6 +121,24 @@ def _resolve(path: str, check_only: bool = False) -> Any:
             return None
         raise SerializationError(f"cannot resolve {path}: {exc}") from exc
     return obj
+
+
+def _resolve_op(path: str) -> Any:
+    """``"aten.conv2d.default"`` -> ``torch.ops.aten.conv2d.default`` (an already registered
+    operator: looking it up runs no code)."""
+    ns, _, rest = path.partition(".")
+    name, _, overload = rest.partition(".")
+    try:
+        space = getattr(torch.ops, ns)
+        if not isinstance(space, torch._ops._OpNamespace):  # torch.ops.load_library & co.
+            raise AttributeError(f"{ns} is not an operator namespace")
+        packet = getattr(space, name)
+        op = getattr(packet, overload) if overload else packet
+    except (AttributeError, RuntimeError) as exc:
+        raise SerializationError(f"unknown operator torch.ops.{path}: {exc}") from exc
+    if not isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        raise SerializationError(f"torch.ops.{path} is not an operator")
+    return op
 
 
 # --- save --------------------------------------------------------------------------------------
@@ -225,5 +250,8 @@ def load(path: str, map_location: str = "cpu") -> fx.GraphModule:
                               _dec(ns["kwargs"], nodes), name=ns["name"])
         nodes[ns["name"]] = n
     gm = fx.GraphModule(root, graph, spec["class_name"])
+    from .graph.trace import adopt_tensors
+
+    adopt_tensors(gm, root)  # tensors no node reads (e.g. an exported BatchNorm's counter)
     gm.train(spec.get("training", False))
     return gm

@@ -59,6 +59,12 @@ def _mentioned(records: Iterable[Record]) -> set[Space]:
     return out
 
 
+def _module_paths(n: fx.Node) -> set[str]:
+    """Qualified names of the modules an exported node ran inside (from ``nn_module_stack``)."""
+    stack = n.meta.get("nn_module_stack") or {}
+    return {v[0] for v in stack.values() if isinstance(v, tuple) and v and v[0]}
+
+
 def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module]) -> list[str]:
     """Qualified names of the ``ignore`` modules; each must be a submodule of ``model``."""
     by_id = {id(m): name for name, m in model.named_modules()}
@@ -77,8 +83,9 @@ class DependencyGraph:
 
     Attributes:
         model: the model that was traced (not copied).
-        graph_module: the traced ``fx.GraphModule``; it shares the model's submodules. Node names
-            are stable: tracing the same model twice gives the same names.
+        graph_module: the traced ``fx.GraphModule``; it shares the model's submodules (or, when
+            the model was captured by ``torch.export``, its parameter and buffer tensors). Node
+            names are stable: tracing the same model twice gives the same names.
         shapes: output shape of every tensor node (a list for tuple outputs).
     """
 
@@ -90,7 +97,9 @@ class DependencyGraph:
         self.rules = registry()
         self.rules.update(rules or {})
         self.args, self.kwargs = normalize_inputs(example_inputs)
-        self.graph_module = capture(model, self.rules, leaf_modules)
+        self.graph_module = capture(model, self.rules, leaf_modules,
+                                    example_inputs=(self.args, self.kwargs))
+        self._leaf_modules = tuple(leaf_modules)
         self.shapes, self.values = record_shapes(self.graph_module, self.args, self.kwargs,
                                                  type(model).__name__)
         self.modules = dict(self.graph_module.named_modules())
@@ -123,18 +132,51 @@ class DependencyGraph:
 
     def _build(self) -> None:
         self._add_spaces()
+        self._get_attr = {n.name: str(n.target) for n in self.graph_module.graph.nodes
+                          if n.op == "get_attr"}
         mentioned_params: set[Space] = set()
+        exported = self.graph_module.meta.get("structprune_capture") == "export"
         for n in self.graph_module.graph.nodes:
             recs = self._couple_node(n)
             if n.op == "call_module" and n.target in self._ignored:
                 recs += [Freeze(s, "ignored by the user") for s in self._node_spaces(n)]
                 self._frozen.append(FrozenEntry(n.name, describe(n), "ignored by the user"))
+            elif exported and n.op == "call_function":
+                recs += self._module_stack_freezes(n)
             mentioned = _mentioned(recs)
             mentioned_params |= {s for s in mentioned if s.is_param}
             self.records += recs
         for s in self.table.order:
             if s.is_param and s not in mentioned_params:
                 self.records.append(Freeze(s, "no rule couples this parameter dim"))
+
+    def _module_stack_freezes(self, n: fx.Node) -> list[Record]:
+        """``ignore=`` and ``leaf_modules=`` on an exported graph, whose nodes are ATen ops that
+        name the modules they ran in (``nn_module_stack``): an ignored module's outputs (its
+        nodes read outside it) are frozen, and so is everything a leaf module computes."""
+        paths = _module_paths(n)
+        recs: list[Record] = []
+        for path in paths & self._ignored:
+            if any(path not in _module_paths(u) or u.op == "output" for u in n.users):
+                recs += [Freeze(s, "ignored by the user") for s in self._node_spaces(n)]
+                self._frozen.append(FrozenEntry(n.name, describe(n), "ignored by the user"))
+                break
+        if self._leaf_modules:
+            for path in sorted(paths):
+                try:
+                    m = self.model.get_submodule(path)
+                except AttributeError:
+                    continue
+                if any(m is leaf or (isinstance(leaf, type) and isinstance(m, leaf))
+                       for leaf in self._leaf_modules):
+                    reason = (f"inside leaf module '{path}' ({type(m).__name__}), which the "
+                              f"exported graph does not keep whole")
+                    spaces = self._node_spaces(n) + [s for a in n.all_input_nodes
+                                                     for s in self._node_spaces(a)]
+                    recs += [Freeze(s, reason) for s in spaces]
+                    self._frozen.append(FrozenEntry(n.name, describe(n), reason))
+                    break
+        return recs
 
     def _couple_node(self, n: fx.Node) -> list[Record]:
         if n.op == "placeholder":
@@ -170,6 +212,9 @@ class DependencyGraph:
         for r in produced:
             if isinstance(r, Role):
                 self.roles.setdefault(r.space, r.role)
+                src = self._get_attr.get(r.space.key)  # a functional op's weight: the tensor's role
+                if src is not None:
+                    self.roles.setdefault(Space("@" + src, r.space.dim), r.role)
             else:
                 recs.append(r)
                 if isinstance(r, Freeze) and r.reason:

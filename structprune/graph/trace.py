@@ -3,11 +3,15 @@
 ``capture`` runs ``torch.fx`` symbolic tracing with a :class:`Tracer` whose leaves are every module
 that has a rule (conv, linear, norms, ...) plus PyTorch's own leaf modules; ``nn.MultiheadAttention``
 is decomposed into functional ops so that its heads become visible (and prunable) in the graph.
+Models that symbolic tracing cannot capture (they branch on shapes or turn sizes into ints) are
+captured with ``torch.export`` on the example inputs instead (:func:`capture_export`): a graph of
+ATen ops whose rules live in ``ops/aten.py``.
 ``record_shapes`` runs the graph once on the example inputs and keeps every node's output shape
 and every non-tensor value (``x.size(0)``, ``H // 2``) that shape arguments are built from.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import linecache
 import operator
@@ -118,21 +122,164 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def capture(model: nn.Module, rules: dict[RuleKey, OpRule], leaf_modules: Iterable[Any] = (),
-            concrete_args: Optional[dict] = None) -> fx.GraphModule:
-    """Symbolically trace ``model``; raise :class:`TraceError` naming the module and the code."""
+            concrete_args: Optional[dict] = None,
+            example_inputs: Optional[tuple[tuple, dict]] = None) -> fx.GraphModule:
+    """Symbolically trace ``model``; if that fails, capture it with ``torch.export`` on
+    ``example_inputs`` (``(args, kwargs)``). Raise :class:`TraceError` naming the module and the
+    code when neither works (or when fx fails and there are no example inputs)."""
     tracer = Tracer(rules, leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many types; all mean "could not capture"
         where = tracer._sp_failed_at or "(top level)"
-        raise TraceError(
+        message = (
             f"torch.fx could not trace {type(model).__name__}: in module '{where}' at "
             f"{_user_frame(exc)}: {type(exc).__name__}: {exc}. If this module branches on tensor "
             f"values or shapes, make it a leaf (sp.trace(model, x, leaf_modules=[its class])); it "
-            f"is then frozen unless you also give a rule (rules={{ItsClass: MyRule()}})."
-        ) from exc
+            f"is then frozen unless you also give a rule (rules={{ItsClass: MyRule()}}).")
+        if example_inputs is None:
+            raise TraceError(message) from exc
+        try:
+            return capture_export(model, *example_inputs)
+        except Exception as exc2:  # export raises many types too
+            first = (str(exc2).strip().splitlines() or [""])[0][:500]
+            message += (f" The torch.export fallback failed as well: {type(exc2).__name__}: "
+                        f"{first}")
+            raise TraceError(message) from exc
     _drop_unused(graph)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """Capture ``model`` with ``torch.export.export(strict=False)`` as a plain ``GraphModule``.
+
+    The export graph holds ATen ops (``aten.conv2d.default``), specialised to the example
+    shapes and to eval mode (BatchNorm reads its running statistics, dropout is off). Its
+    parameters and buffers keep their qualified names and are the model's own tensors. The
+    result takes the model's own arguments (nested inputs are unpacked with ``getitem``) and
+    returns its output structure; ``gm.meta["structprune_capture"] == "export"``.
+    """
+    import warnings
+
+    with eval_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    epm = ep.module()
+    graph = _plain_graph(epm.graph)
+    _drop_unused(graph)
+    gm = fx.GraphModule(epm, graph, type(model).__name__)
+    # Tensors the graph does not read (num_batches_tracked, unused layers) stay, so that the
+    # state dict keeps the model's keys.
+    adopt_tensors(gm, epm)
+    gm.meta["structprune_capture"] = "export"
+    return gm
+
+
+def adopt_tensors(gm: fx.GraphModule, src: nn.Module) -> None:
+    """Give ``gm`` every parameter and buffer of ``src`` it lacks, under the same name.
+
+    ``fx.GraphModule(root, graph)`` copies only the tensors the graph reads; this keeps the others
+    (``num_batches_tracked``) so that the state dict has all of ``src``'s keys.
+    """
+    for qual, t in list(src.named_parameters()) + list(src.named_buffers()):
+        path, _, name = qual.rpartition(".")
+        owner: nn.Module = gm
+        for part in path.split(".") if path else []:
+            if not isinstance(getattr(owner, part, None), nn.Module):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        if name in owner._parameters or name in owner._buffers or hasattr(owner, name):
+            continue
+        if isinstance(t, nn.Parameter):
+            owner.register_parameter(name, t)
+        else:
+            src_owner = src.get_submodule(path) if path else src
+            owner.register_buffer(name, t, persistent=name not in
+                                  src_owner._non_persistent_buffers_set)
+
+
+def _children(spec: Any) -> list:
+    kids = getattr(spec, "children", None)
+    return list(kids()) if callable(kids) else list(spec.children_specs)
+
+
+def _plain_graph(old: fx.Graph) -> fx.Graph:
+    """Copy an ``ep.module()`` graph into one with the default codegen.
+
+    ``ep.module()`` takes the pytree-flattened leaves of ``(args, kwargs)``; here each model
+    argument is one placeholder (named like the forward's parameter or the keyword) and nested
+    ones are taken apart by ``getitem`` nodes that carry the old leaf placeholders' names. The
+    ``_guards_fn`` call (it checks the input shapes) is left out.
+    """
+    import torch.utils._pytree as pytree
+
+    info = old._codegen.pytree_info  # type: ignore[attr-defined]
+    in_spec, out_spec = info.in_spec, info.out_spec
+    args_spec, kwargs_spec = _children(in_spec)
+    leaves = iter([n for n in old.nodes if n.op == "placeholder"])
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    n_pos = args_spec.num_children
+    names = list(info.orig_args[:n_pos]) + [f"arg{i}" for i in range(len(info.orig_args), n_pos)]
+    inputs = list(zip(names, _children(args_spec)))
+    inputs += list(zip(kwargs_spec.context or [], _children(kwargs_spec)))
+    taken = {n.name for n in old.nodes}
+
+    def unpack(spec: Any, parent: fx.Node, label: str) -> None:
+        for k, child in enumerate(_children(spec)):
+            if spec.type in (dict, collections.OrderedDict):
+                key = spec.context[k]
+            elif spec.type in (tuple, list) or (isinstance(spec.type, type) and issubclass(
+                    spec.type, tuple) and hasattr(spec.type, "_fields")):
+                key = k
+            else:
+                raise TraceError(f"cannot take apart an input of type "
+                                 f"{getattr(spec.type, '__name__', spec.type)}")
+            if child.is_leaf():
+                leaf = next(leaves)
+                env[leaf] = graph.create_node("call_function", operator.getitem, (parent, key),
+                                              name=leaf.name)
+                env[leaf].meta = dict(leaf.meta)
+            else:
+                name = f"{label}_{key}"
+                while name in taken:
+                    name += "_"
+                node = graph.create_node("call_function", operator.getitem, (parent, key),
+                                         name=name)
+                unpack(child, node, name)
+
+    for name, spec in inputs:
+        if spec.is_leaf():
+            leaf = next(leaves)
+            env[leaf] = graph.create_node("placeholder", name, name=leaf.name)
+            env[leaf].meta = dict(leaf.meta)
+        else:
+            node = graph.placeholder(name)
+            unpack(spec, node, name)
+    for n in old.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "call_module" and str(n.target).startswith("_guards_fn"):
+            continue
+        if n.op == "output":
+            flat = fx.map_arg(n.args[0], lambda a: env[a])
+            _check_output_spec(out_spec)
+            graph.output(pytree.tree_unflatten(list(flat), out_spec))
+            continue
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    return graph
+
+
+def _check_output_spec(spec: Any) -> None:
+    """fx can return tuples, lists, dicts and None; other containers cannot be rebuilt."""
+    if spec.is_leaf():
+        return
+    t = spec.type
+    if t not in (tuple, list, dict, type(None)):
+        raise TraceError(f"the model returns a {getattr(t, '__name__', t)}, which the exported "
+                         f"graph cannot rebuild")
+    for c in _children(spec):
+        _check_output_spec(c)
 
 
 def _drop_unused(graph: fx.Graph) -> None:
@@ -146,6 +293,8 @@ def _drop_unused(graph: fx.Graph) -> None:
         for n in reversed(list(graph.nodes)):
             if n.users or n.op not in ("call_function", "call_method", "get_attr"):
                 continue
+            if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+                continue  # aten.add_.Tensor, aten.copy_.default, ...
             name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
             if name.endswith("_") or name.startswith("i") and name[1:] in _INPLACE_OPERATORS:
                 continue

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..graph.coupling import Couple, Freeze, Record, Role
-from .registry import CoupleContext, OpRule, register
+from .registry import CoupleContext, OpRule, op_name, register
 
 
 def touch(ctx: CoupleContext, a: Any) -> Iterator[Freeze]:
@@ -154,8 +154,8 @@ class ReduceRule(OpRule):
         sx = ctx.shape(x)
         if sx is None:
             return
-        name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
-        dim_pos = 2 if name in ("norm",) else 1
+        name = op_name(ctx.node.target)
+        dim_pos = 2 if name in ("norm", "linalg_vector_norm") else 1
         dim = ctx.arg(dim_pos, "dim")
         if name in ("max", "min") and isinstance(dim, fx.Node):  # torch.max(x, y): binary
             yield from broadcast(ctx, ctx.node.all_input_nodes, ctx.node)

@@ -71,6 +71,25 @@ def register(*keys: RuleKey) -> Callable[[type], type]:
     return deco
 
 
+def extend(cls: type, *keys: RuleKey) -> None:
+    """Register more keys for an existing rule class (e.g. the ATen overloads of an op whose
+    arguments follow the same convention), sharing its registered instance."""
+    rule = next((r for r in _REGISTRY.values() if type(r) is cls), None) or cls()
+    for k in keys:
+        _REGISTRY[k] = rule
+
+
+def op_name(target: Any) -> str:
+    """The bare name of an op: ``"view"`` for the method ``"view"``, ``torch.Tensor.view``'s
+    functional twins and ``torch.ops.aten.view.default``; ``__name__`` for other callables."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return target._qualified_op_name.split("::", 1)[-1] if isinstance(
+            target, torch._ops.OpOverloadPacket) else target._schema.name.split("::", 1)[-1]
+    return getattr(target, "__name__", repr(target))
+
+
 def registry() -> dict[RuleKey, OpRule]:
     """A copy of the built-in registry (module classes, functions and method names)."""
     return dict(_REGISTRY)
@@ -101,6 +120,8 @@ def describe(node: fx.Node) -> str:
         return f".{node.target}()"
     if node.op == "call_function":
         t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return f"{t.namespace}.{t.__name__}"  # aten.conv2d.default
         mod = getattr(t, "__module__", None) or ""
         name = getattr(t, "__name__", repr(t))
         if mod in ("_operator", "operator"):

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..graph.coupling import Choice, Couple, Freeze, Record, Space
 from .elementwise import touch
-from .registry import CoupleContext, OpRule, register
+from .registry import CoupleContext, OpRule, op_name, register
 
 _REGROUP = "the reshape regroups several dims into several others; they stay whole"
 
@@ -113,7 +113,7 @@ class ReshapeRule(OpRule):
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x = ctx.arg(0, "input")
         yield from view_couplings(ctx, x, ctx.node)
-        if ctx.node.target in ("view_as", "reshape_as"):
+        if ctx.node.op != "call_module" and op_name(ctx.node.target) in ("view_as", "reshape_as"):
             yield from touch(ctx, ctx.arg(1, "other"))
 
     def update(self, actx: Any) -> None:
@@ -125,8 +125,11 @@ class ReshapeRule(OpRule):
             k = len(actx.module.unflattened_size)
             actx.module.unflattened_size = tuple(new[d:d + k])
             return
+        if node.op == "call_module":  # nn.Flatten: no literal sizes
+            return
         t = node.target
-        if t in ("view", "reshape") or t is torch.reshape:
+        name = op_name(t)
+        if name in ("view", "reshape", "_unsafe_view"):  # (x, *sizes) or (x, sizes)
             rest = list(node.args[1:])
             if len(rest) == 1 and not isinstance(rest[0], int):
                 sizes = rest[0]
@@ -137,7 +140,7 @@ class ReshapeRule(OpRule):
                     node.args = (node.args[0], tuple(new))
             else:
                 node.args = (node.args[0], *fix_sizes(actx, rest, new))
-        elif t in ("unflatten",) or t is torch.unflatten:
+        elif name == "unflatten":
             dim = actx.value(node.args[1])
             sizes = node.args[2]
             d = dim % len(actx.old_shape(node.args[0]))
@@ -213,6 +216,38 @@ class ShapeQueryRule(OpRule):
     freezes_unmentioned = False
 
 
+_FACTORIES = ("new_zeros", "new_ones", "new_full")
+
+
+@register(*_FACTORIES)
+class FactoryRule(OpRule):
+    """``x.new_zeros(*size)``, ``new_ones``, ``new_full(size, value)`` and ATen's ``zeros``,
+    ``ones``, ``full``: a constant the same at every index, so no dim is tied to anything here
+    (what it meets decides) and ``x`` is read only for its dtype; after pruning the size
+    arguments follow the new shape (the zero state of an unrolled RNN, ``zeros(B, hidden)``)."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        yield from touch(ctx, ctx.node)
+        if op_name(ctx.node.target) in _FACTORIES:
+            yield from touch(ctx, ctx.arg(0, "self"))
+
+    def update(self, actx: Any) -> None:
+        node, new = actx.node, actx.new_shape(actx.node)
+        if new is None or new == actx.old_shape(node):
+            return
+        first = 1 if op_name(node.target) in _FACTORIES else 0  # new_*: after the tensor
+        args = list(node.args)
+        if "size" in node.kwargs:
+            node.kwargs = {**node.kwargs, "size": tuple(fix_sizes(actx, node.kwargs["size"], new))}
+        elif len(args) > first and isinstance(args[first], (list, tuple)):
+            args[first] = type(args[first])(fix_sizes(actx, args[first], new))
+            node.args = tuple(args)
+        elif op_name(node.target) not in ("full", "new_full"):  # new_zeros(B, 12)
+            node.args = tuple(args[:first]) + tuple(fix_sizes(actx, args[first:], new))
+        else:
+            raise NotImplementedError("full() with sizes that are not one sequence")
+
+
 @register(torch.cat, torch.concat, torch.concatenate)
 class CatRule(OpRule):
     """``torch.cat(xs, dim)``: input i's index k is output index ``offset_i + k``."""
@@ -267,10 +302,9 @@ class SplitRule(OpRule):
         items = ctx.item_shapes(ctx.node)
         if sx is None or items is None:
             return
-        name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+        name = op_name(ctx.node.target)
         default = 0
-        dim = ctx.value(ctx.arg(2 if name in ("split", "chunk", "tensor_split") else 1, "dim",
-                                default)) % len(sx)
+        dim = ctx.value(ctx.arg(1 if name == "unbind" else 2, "dim", default)) % len(sx)
         off = 0
         for k, s in enumerate(items):
             if s is None:
@@ -289,7 +323,7 @@ class SplitRule(OpRule):
 
     def update(self, actx: Any) -> None:
         node = actx.node
-        name = node.target if isinstance(node.target, str) else node.target.__name__
+        name = op_name(node.target)
         if name == "unbind":
             return
         x = node.args[0]
@@ -302,7 +336,10 @@ class SplitRule(OpRule):
             return
         if name == "tensor_split":
             raise NotImplementedError("tensor_split with pruned sections")
-        node.target = "split" if node.op == "call_method" else torch.split
+        if isinstance(node.target, torch._ops.OpOverload):
+            node.target = torch.ops.aten.split_with_sizes.default
+        else:
+            node.target = "split" if node.op == "call_method" else torch.split
         node.args = (x, new, dim)
         node.kwargs = {}
 
@@ -447,14 +484,16 @@ class ExpandRule(OpRule):
 
         x = ctx.arg(0, "input")
         yield from broadcast(ctx, [x], ctx.node)
-        if ctx.node.target == "expand_as":
+        if op_name(ctx.node.target) == "expand_as":
             yield from ctx.identity(ctx.arg(1, "other"), ctx.node)
 
     def update(self, actx: Any) -> None:
         node = actx.node
-        if node.target == "expand_as" or actx.new_shape(node) == actx.old_shape(node):
+        if op_name(node.target) == "expand_as" or actx.new_shape(node) == actx.old_shape(node):
             return
-        rest = list(node.args[1:])
+        # aten.expand(x, size, implicit=False) takes the sizes as one list
+        rest = list(node.args[1:2] if isinstance(node.target, torch._ops.OpOverload)
+                    else node.args[1:])
         new = actx.new_shape(node)
         if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
             node.args = (node.args[0], type(rest[0])(fix_sizes(actx, rest[0], new)))

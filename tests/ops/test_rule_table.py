@@ -105,11 +105,44 @@ CASES = {
     "split_unbind": (lambda: Net(_split_unbind), img),
     "getitem_slices": (lambda: Net(lambda s, x: x[:, 2:6, ..., None][..., 0] * x[:, 4:8],
                                    consumer=nn.Conv2d(4, 4, 1)), img),
+    "new_zeros_ones_full": (lambda: Net(lambda s, x: x * x.new_ones((x.size(0), 8, 6, 6)) + x.new_zeros(x.size(0), 8, 6, 6)
+                                        + x.new_full((x.size(0), 8, 1, 1), 0.5)), img),
     "expand_repeat": (lambda: Net(lambda s, x: x.mean((2, 3), keepdim=True).expand(-1, -1, 6, 6) + x.repeat(1, 1, 1, 1)), img),
     # attention
     "sdpa_heads": (lambda: Heads(sdpa=True), tok),
     "mha": (lambda: MHANet(), tok),
+    # ATen overloads (graphs captured by torch.export) that have rules of their own
+    "aten_convolution_grouped": (lambda: Net(lambda s, x: aten.convolution.default(
+        x, s.extra.weight, s.extra.bias, [1, 1], [1, 1], [1, 1], False, [0, 0], 2),
+        extra=nn.Conv2d(8, 8, 3, groups=2)), img),
+    "aten_conv_transpose": (lambda: Net(lambda s, x: aten.conv_transpose2d.input(
+        x, s.extra.weight, s.extra.bias, [1, 1], [1, 1]), extra=nn.ConvTranspose2d(8, 8, 3)), img),
+    "aten_batch_norms": (lambda: Net(lambda s, x: aten.batch_norm.default(
+        x, s.extra.weight, s.extra.bias, s.extra.running_mean, s.extra.running_var, False, 0.1,
+        1e-5, False) + aten._native_batch_norm_legit_no_training.default(
+        x, s.extra.weight, s.extra.bias, s.extra.running_mean, s.extra.running_var, 0.1, 1e-5)[0],
+        extra=nn.BatchNorm2d(8)), img),
+    "aten_prelu": (lambda: Net(lambda s, x: aten.prelu.default(x, s.extra.weight), extra=nn.PReLU(8)), img),
+    "aten_addmm_embedding": (lambda: AtenEmbedAddmm(), lambda: torch.randint(0, 10, (2, 5))),
+    "aten_slice_narrow_select": (lambda: Net(lambda s, x: aten.slice.Tensor(x, 1, 2, 6) * aten.narrow.default(x, 1, 4, 4)
+                                             + aten.select.int(x, 1, 5).unsqueeze(1), consumer=nn.Conv2d(4, 4, 1)), img),
+    "aten_flip_roll_index_select": (lambda: Net(lambda s, x: aten.flip.default(x, [3]) + aten.roll.default(x, [1], [2])
+                                                + aten.index_select.default(x, 3, torch.tensor([5, 4, 3, 2, 1, 0]))), img),
 }
+
+aten = torch.ops.aten
+
+
+class AtenEmbedAddmm(nn.Module):
+    """``aten.embedding(weight, ids)`` then ``aten.addmm(bias, x, w.t())`` (a linear layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin, self.out = nn.Embedding(10, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = aten.embedding.default(self.emb.weight, ids).reshape(10, 8)
+        return self.out(F.relu(aten.addmm.default(self.lin.bias, h, self.lin.weight.t())))
 
 
 def _split_unbind(s, x):

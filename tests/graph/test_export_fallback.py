@@ -1,0 +1,300 @@
+"""Models that ``torch.fx`` cannot trace (they branch on shapes or turn sizes into Python ints)
+are captured with ``torch.export`` instead, and must prune exactly like traceable ones.
+
+Every model here first checks that fx really fails on it, so the tests exercise the fallback.
+"""
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import structprune as sp
+from structprune.graph.trace import capture
+from structprune.ops.registry import registry
+from structprune.testing import MaskedInterpreter, assert_rule, max_rel_diff, randomize_
+
+
+class ResidualShapeIf(nn.Module):
+    """A residual CNN that resizes its input when it is not 8x8 (``if x.shape[-1] != 8``)."""
+
+    def __init__(self, c: int = 8, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                  nn.ReLU())
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.down = nn.Conv2d(c, 2 * c, 1, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * c, classes)
+
+    def forward(self, x):
+        if x.shape[-1] != 8:
+            x = F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
+        x = self.stem(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(x + self.bn2(self.conv2(y)))
+        x = F.relu(self.down(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class LoopOverTime(nn.Module):
+    """A recurrent-style sum over ``range(x.size(1))`` (unrolled by export)."""
+
+    def __init__(self, d: int = 6, h: int = 12, classes: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, h)
+        self.mix = nn.Linear(h, h)
+        self.head = nn.Linear(h, classes)
+
+    def forward(self, x):  # [B, T, d]
+        h = x.new_zeros(x.size(0), self.mix.out_features)
+        for t in range(x.size(1)):
+            h = torch.tanh(self.mix(h) + self.inp(x[:, t]))
+        return self.head(h)
+
+
+class IntSizes(nn.Module):
+    """Sizes read as Python ints feed a ``view`` and the arithmetic of a pooling window."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 1)
+        self.fc = nn.Linear(c * 4, 4)
+
+    def forward(self, x):
+        b, c_in, hgt, wid = (int(s) for s in x.shape)
+        y = F.relu(self.bn(self.conv(x)))
+        k = hgt // 2
+        y = F.avg_pool2d(self.conv2(y), k)  # [B, C, 2, 2]
+        c = int(y.shape[1])
+        return self.fc(y.reshape(b, c * int(y.shape[2]) * int(y.shape[3])))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block with heads; the head count is computed from ``x.shape``.
+
+    q, k and v are slices of one projection (``aten.slice``), heads are a reshape, and the
+    attention is written out (matmul, softmax) when the sequence is short.
+    """
+
+    def __init__(self, dim: int = 16, head_dim: int = 4, hidden: int = 24) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        heads = int(c // self.head_dim)
+        qkv = self.qkv(self.norm1(x))
+        q, k, v = (qkv[:, :, i * c:(i + 1) * c].reshape(b, t, heads, self.head_dim).transpose(1, 2)
+                   for i in range(3))
+        if t <= 16:
+            attn = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+            out = attn.softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(out.transpose(1, 2).reshape(b, t, heads * self.head_dim))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class SDPAHeads(nn.Module):
+    """Heads through ``scaled_dot_product_attention`` and ``unbind``, then a class token."""
+
+    def __init__(self, dim: int = 12, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        if t % 2:
+            x = x[:, :-1]
+            t -= 1
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
+        return self.head(self.proj(out)[:, 0])
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(self.conv(x))
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: neither fx nor export can capture this
+            return x
+        return -x
+
+
+def img(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+CASES = {
+    "residual_shape_if": (ResidualShapeIf, lambda: img(2, 3, 10, 10)),
+    "loop_over_time": (LoopOverTime, lambda: img(2, 4, 6)),
+    "int_sizes": (IntSizes, lambda: img(2, 3, 8, 8)),
+    "attention_block": (AttentionBlock, lambda: img(2, 5, 16)),
+    "sdpa_heads": (SDPAHeads, lambda: img(2, 7, 12)),
+}
+
+
+def build(name):
+    make, inp = CASES[name]
+    torch.manual_seed(0)
+    return randomize_(make()).double().eval(), inp()
+
+
+def fx_fails(model):
+    with pytest.raises(Exception):
+        fx.symbolic_trace(model)
+    with pytest.raises(sp.TraceError):
+        capture(model, registry())  # no example inputs: no fallback
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("importance", ["l2", "random"])
+def test_oracle(name, importance):
+    model, x = build(name)
+    fx_fails(model)
+    graph = sp.trace(model, x)
+    assert graph.graph_module.meta["structprune_capture"] == "export"
+    assert graph.groups(), f"nothing prunable; frozen: {graph.frozen()}"
+    torch.manual_seed(1)
+    pruned = assert_rule(model, x, ratio=0.5, importance=importance, onnx=importance == "l2")
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_parameters_keep_their_names_and_tensors():
+    model, x = build("residual_shape_if")
+    gm = sp.trace(model, x).graph_module
+    assert dict(gm.named_parameters()).keys() == dict(model.named_parameters()).keys()
+    assert all(gm.get_parameter(n) is p for n, p in model.named_parameters())
+    assert gm.state_dict().keys() == model.state_dict().keys()  # num_batches_tracked too
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert not any(n.op == "call_module" for n in gm.graph.nodes)  # no _guards_fn
+
+
+def test_node_names_are_stable_and_masks_name_the_traced_graph():
+    model, x = build("attention_block")
+    a, b = sp.trace(model, x).graph_module, sp.trace(model, x).graph_module
+    assert [n.name for n in a.graph.nodes] == [n.name for n in b.graph.nodes]
+    pruner = sp.Pruner(model, x, ratio=0.5)
+    plan = pruner.plan()
+    masks = plan.activation_masks()
+    names = {n.name for n in a.graph.nodes}
+    assert masks and set(masks) <= names
+    with torch.no_grad():
+        want = MaskedInterpreter(a, masks).run(x)  # the external checker's recipe
+        got = pruner.apply(plan)(x)
+    assert max_rel_diff(got, want) <= 1e-10
+
+
+def test_head_pruning_rewrites_slices_and_reshapes():
+    model, x = build("attention_block")
+    graph = sp.trace(model, x)
+    heads = [g for g in graph.groups() if any(m.qualname == "qkv.weight" for m in g.params)]
+    assert heads and heads[0].num_units == 4 and heads[0].width == 4 * 3  # q, k, v rows of a head
+    pruned = sp.prune(model, x, ratio=0.5)
+    assert tuple(pruned.get_parameter("qkv.weight").shape) == (24, 16)
+    assert tuple(pruned.get_parameter("proj.weight").shape) == (16, 8)
+    assert tuple(pruned.get_parameter("fc1.weight").shape) == (12, 16)
+
+
+def test_ignore_and_leaf_modules_apply_to_exported_graphs():
+    model, x = build("residual_shape_if")
+    pruned = sp.prune(model, x, ratio=0.5, ignore=[model.down])
+    assert pruned.get_parameter("down.weight").shape[0] == 16
+    assert pruned.get_parameter("conv1.weight").shape[0] == 4
+    graph = sp.trace(model, x, leaf_modules=[model.stem])
+    assert any("leaf module 'stem" in e.reason for e in graph.frozen())
+    params = {m.qualname for g in graph.groups() for m in g.params}
+    assert "conv1.weight" in params and "stem.0.weight" not in params
+    sp.prune(model, x, ratio=0.5, leaf_modules=[model.stem])
+
+
+def test_nested_inputs_keyword_inputs_and_dict_outputs():
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, pair, scale=None):
+            x = self.a(pair[0]) + self.b(pair[1]["y"])
+            for _ in range(int(x.shape[0])):  # fx cannot do this
+                x = F.relu(x)
+            return {"out": self.c(x) * scale, "aux": None}
+
+    torch.manual_seed(0)
+    model = Nested().double().eval()
+    inputs = {"pair": (img(3, 4), {"y": img(3, 4)}), "scale": img(1)}
+    graph = sp.trace(model, inputs)
+    nodes = graph.graph_module.graph.nodes
+    assert [n.target for n in nodes if n.op == "placeholder"] == ["pair", "scale"]
+    pruned = sp.prune(model, inputs, ratio=0.5)
+    assert pruned.get_parameter("a.weight").shape[0] == 4
+    with torch.no_grad():
+        out = pruned(**inputs)
+    assert set(out) == {"out", "aux"} and out["aux"] is None and out["out"].shape == (3, 2)
+    assert_rule(model, inputs, ratio=0.5, onnx=False)
+
+
+def test_neither_fx_nor_export_raises_naming_the_module():
+    model = DataDependent()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(sp.TraceError) as info:
+        sp.prune(model, torch.randn(2, 3, 9, 9), ratio=0.5)
+    msg = str(info.value)
+    assert "module 'gate'" in msg and "if x.sum() > 0" in msg and "leaf_modules" in msg
+    assert "torch.export fallback failed" in msg
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_save_load_of_an_exported_model(tmp_path):
+    model, x = build("int_sizes")
+    pruned = sp.prune(model, x, ratio=0.5)
+    assert any(isinstance(n.target, torch._ops.OpOverload) for n in pruned.graph.nodes)
+    sp.save(pruned, str(tmp_path / "m.sp"))
+    again = sp.load(str(tmp_path / "m.sp"))
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x))
+    assert again.state_dict().keys() == pruned.state_dict().keys()
+
+
+def test_reports_and_mac_targets_work_on_exported_graphs():
+    model, x = build("residual_shape_if")
+    pruned = sp.prune(model, x, target_macs=0.5)
+    rep = sp.report(model, pruned, x)
+    assert rep.macs_before > 0 and rep.macs_kept <= 0.6
+    assert rep.params_after < rep.params_before
+
+
+def test_bn_scale_importance_sees_the_norm_roles():
+    model, x = build("residual_shape_if")
+    graph = sp.trace(model, x)
+    roles = {m.qualname: m.role for g in graph.groups() for m in g.params}
+    assert roles["bn1.weight"] == "norm" and roles["bn1.running_var"] == "stat"
+    assert roles["conv1.weight"] == "out"
+    sp.prune(model, x, ratio=0.5, importance="bn_scale")
