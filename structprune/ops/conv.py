@@ -74,38 +74,32 @@ def _conv_macs(mctx: Any, w_shape: tuple, transposed: bool) -> int:
     return math.prod(ref) * math.prod(w_shape[1:]) if ref else 0
 
 
-@register(*_CONV)
-class ConvRule(OpRule):
-    """``nn.Conv{1,2,3}d``: out channels = weight rows (+ bias), in channels = weight columns."""
+class _ModuleConvRule(OpRule):
+    transposed = False
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         m = ctx.module
         bias = ctx.param("bias", 0) if m.bias is not None else None
         yield from conv_couplings(ctx, ctx.arg(0, "input"), lambda d: ctx.param("weight", d),
-                                  bias, m.groups, m.weight.dim() - 2, transposed=False)
+                                  bias, m.groups, m.weight.dim() - 2, self.transposed)
 
     def update(self, actx: Any) -> None:
-        _update_conv(actx.module, transposed=False)
+        _update_conv(actx.module, self.transposed)
 
     def macs(self, mctx: Any) -> int:
-        return _conv_macs(mctx, mctx.param_shape("weight"), transposed=False)
+        return _conv_macs(mctx, mctx.param_shape("weight"), self.transposed)
+
+
+@register(*_CONV)
+class ConvRule(_ModuleConvRule):
+    """``nn.Conv{1,2,3}d``: out channels = weight rows (+ bias), in channels = weight columns."""
 
 
 @register(*_CONV_T)
-class ConvTransposeRule(OpRule):
+class ConvTransposeRule(_ModuleConvRule):
     """``nn.ConvTranspose{1,2,3}d``: weight is ``[C_in, C_out/groups, *k]``."""
 
-    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
-        m = ctx.module
-        bias = ctx.param("bias", 0) if m.bias is not None else None
-        yield from conv_couplings(ctx, ctx.arg(0, "input"), lambda d: ctx.param("weight", d),
-                                  bias, m.groups, m.weight.dim() - 2, transposed=True)
-
-    def update(self, actx: Any) -> None:
-        _update_conv(actx.module, transposed=True)
-
-    def macs(self, mctx: Any) -> int:
-        return _conv_macs(mctx, mctx.param_shape("weight"), transposed=True)
+    transposed = True
 
 
 @register(F.conv1d, F.conv2d, F.conv3d)
