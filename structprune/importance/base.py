@@ -37,7 +37,7 @@ def per_index(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tens
     """Apply ``fn`` element-wise and sum over every dim but ``dim``: ``[t.shape[dim]]``."""
     v = fn(t.detach())
     others = [d for d in range(t.dim()) if d != dim]
-    return (v.sum(others, dtype=torch.float64) if others else v.double())
+    return (v.sum(others, dtype=torch.float64) if others else v.double()).cpu()
 
 
 def lp_per_index(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
@@ -46,7 +46,7 @@ def lp_per_index(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     a = t * t if p == 2 else t.abs().pow(p)
     if dim < t.dim() - 1:  # trailing dims are contiguous: reduce them first, in one sweep
         a = a.flatten(dim + 1).sum(-1)
-    return a.reshape(-1, t.shape[dim]).sum(0).double()
+    return a.reshape(-1, t.shape[dim]).sum(0).double().cpu()
 
 
 def to_units(group: Group, member: Member, values: torch.Tensor) -> torch.Tensor:

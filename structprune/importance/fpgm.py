@@ -25,7 +25,7 @@ class FPGMImportance:
         for m in members:
             t = tensor_of(graph, m).detach().double()
             rows = t.transpose(0, m.dim).reshape(t.shape[m.dim], -1)[m.index]  # [K, F]
-            dist = torch.cdist(rows[None], rows[None])[0].sum(1)  # [K]
+            dist = torch.cdist(rows[None], rows[None])[0].sum(1).cpu()  # [K]
             per = torch.zeros(t.shape[m.dim], dtype=torch.float64)
             per[m.index] = dist
             scores.append(to_units(group, m, per))

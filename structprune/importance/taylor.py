@@ -19,7 +19,7 @@ def _grad_scores(group: Group, graph: object, fn, what: str) -> list[torch.Tenso
         if t.grad is None:
             continue
         v = fn(t.detach().double(), t.grad.detach().double())
-        v = v.transpose(0, m.dim).reshape(t.shape[m.dim], -1).sum(1)
+        v = v.transpose(0, m.dim).reshape(t.shape[m.dim], -1).sum(1).cpu()
         scores.append(to_units(group, m, v.abs()))
     if not scores and any(tensor_of(graph, m).requires_grad for m in group.params):
         names = sorted({m.qualname for m in group.params})[:3]
