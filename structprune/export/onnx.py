@@ -3,7 +3,8 @@
 Both PyTorch exporters are supported: the TorchScript-based one (``exporter="torchscript"``) and
 the dynamo-based one (``"dynamo"``); ``"auto"`` tries TorchScript first and falls back, and the
 result says which one produced the file. The check runs the exported model in onnxruntime on the
-example inputs and compares with the torch output (float32; ``rtol=1e-3, atol=1e-4`` by default).
+example inputs and compares with the torch output in float32: the largest difference must be at
+most ``atol + rtol * max|output|`` (``rtol=1e-3, atol=1e-4`` by default).
 """
 from __future__ import annotations
 
@@ -119,8 +120,11 @@ def _check(m: nn.Module, args: tuple, path: str, rtol: float, atol: float, expor
                               f"({exporter} exporter)")
         if w.size:
             worst = max(worst, float(np.abs(g - w).max()))
-        if not np.allclose(g, w, rtol=rtol, atol=atol):
+        # Tolerance relative to the output's scale: float32 rounding grows with the largest
+        # activations, and an element near zero can carry an error of that size.
+        scale = float(np.abs(w).max()) if w.size else 0.0
+        if w.size and float(np.abs(g - w).max()) > atol + rtol * scale:
             raise ExportError(f"output {k}: onnxruntime differs from torch by up to "
-                              f"{np.abs(g - w).max():.3e} (rtol={rtol}, atol={atol}, "
-                              f"{exporter} exporter)")
+                              f"{np.abs(g - w).max():.3e} (allowed {atol} + {rtol} x max|output| "
+                              f"= {atol + rtol * scale:.3e}; {exporter} exporter)")
     return worst
