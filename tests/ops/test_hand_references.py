@@ -164,3 +164,57 @@ def test_attention_heads_removed_whole():
     a = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)
     want = F.linear((a @ v).transpose(1, 2).reshape(b, t, -1), ref.proj.weight, ref.proj.bias)
     torch.testing.assert_close(pruned(x), want)
+
+
+def test_channel_shuffle_drops_one_index_of_every_group():
+    model = f64(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ChannelShuffle(2), nn.Conv2d(8, 2, 1)))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"0": [1]})  # index 1 of each group of 4: channels 1, 5
+    keep = torch.tensor([0, 2, 3, 4, 6, 7])
+    # After the shuffle, input channel i*4 + j sits at j*2 + i: kept inputs land on 0,4,6,1,5,7.
+    shuffled = torch.tensor([0, 1, 4, 5, 6, 7])
+    y = F.conv2d(x, model[0].weight[keep], model[0].bias[keep])
+    y = F.channel_shuffle(y, 2)
+    want = F.conv2d(y, model[2].weight[:, shuffled], model[2].bias)
+    torch.testing.assert_close(pruned(x), want)
+
+
+def test_pixel_shuffle_drops_a_block_of_r_squared():
+    model = f64(nn.Sequential(nn.Conv2d(3, 8, 1), nn.PixelShuffle(2), nn.Conv2d(2, 3, 1)))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"0": [5]})  # channels 4..7 are output channel 1
+    keep = torch.tensor([0, 1, 2, 3])
+    y = F.pixel_shuffle(F.conv2d(x, model[0].weight[keep], model[0].bias[keep]), 2)
+    want = F.conv2d(y, model[2].weight[:, [0]], model[2].bias)
+    torch.testing.assert_close(pruned(x), want)
+
+
+class Sliced(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.post = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.post(self.conv(x)[:, 4:7])
+
+
+def test_slice_bounds_are_rewritten():
+    model = f64(Sliced())
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"conv": [1, 2, 5]})  # 5 is inside the slice
+    assert "slice(2, 4, None)" in pruned.code  # 4:7 minus the dropped 1, 2 before and 5 inside
+    keep = torch.tensor([0, 3, 4, 6, 7])
+    y = F.conv2d(x, model.conv.weight[keep], model.conv.bias[keep])[:, 2:4]
+    want = F.conv2d(y, model.post.weight[:, [0, 2]], model.post.bias)
+    torch.testing.assert_close(pruned(x), want)
+
+
+def test_embedding_width():
+    model = nn.Sequential(nn.Embedding(10, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    ids = torch.randint(0, 10, (2, 5))
+    pruned = assert_rule(model, ids, drop={"0": [0, 4]})
+    keep = torch.tensor([1, 2, 3, 5])
+    want = F.linear(F.relu(F.embedding(ids, model[0].weight[:, keep])), model[2].weight[:, keep],
+                    model[2].bias)
+    torch.testing.assert_close(pruned(ids), want)
+    assert pruned.get_submodule("0").embedding_dim == 4
