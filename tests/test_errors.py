@@ -125,3 +125,17 @@ def test_bad_options():
 def test_example_inputs_of_wrong_type():
     with pytest.raises(sp.TraceError, match="example_inputs must be a tensor"):
         sp.trace(small(), "not a tensor")
+
+
+def test_a_model_output_that_pins_channels_is_reported():
+    class Pinned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.conv(x)  # the output's channels cannot change
+
+    g = sp.trace(Pinned(), X)
+    assert g.groups() == []
+    assert [(e.node, e.op) for e in g.frozen()] == [("conv", "output")]

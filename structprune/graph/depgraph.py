@@ -184,7 +184,11 @@ class DependencyGraph:
         if n.op == "output":
             recs: list[Record] = []
             for a in n.all_input_nodes:
-                recs += [Freeze(s, "graph output") for s in self._node_spaces(a)]
+                spaces = self._node_spaces(a)
+                recs += [Freeze(s, "graph output") for s in spaces]
+                if spaces:
+                    self._frozen.append(FrozenEntry(a.name, "output", "a model output keeps "
+                                                    "its shape, and so does all it is tied to"))
             return recs
         if n.op == "get_attr":
             return [Couple(s, Space("@" + str(n.target), s.dim)) for s in self._node_spaces(n)]
