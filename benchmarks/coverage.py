@@ -76,6 +76,12 @@ def _classifier(model: Any) -> tuple[str, Any]:
     return found
 
 
+def _implied(reason: str) -> bool:
+    """Frozen entries that any pruning of a classifier model has: the ignored classifier and
+    the model output it feeds."""
+    return reason == "ignored by the user" or "model output keeps its shape" in reason
+
+
 def _describe(gm: Any, node: Any) -> str:
     if node.op == "call_module":
         return f"{type(gm.get_submodule(node.target)).__name__}({node.target})"
@@ -188,7 +194,7 @@ def run_one(name: str, tol64: float, tol32: float, f32_above_m: float) -> dict[s
         frozen = graph.frozen()
         groups = graph.groups()
         reasons = Counter(e.reason for e in frozen)
-        non_ignored = [e for e in frozen if e.reason != "ignored by the user"]
+        non_ignored = [e for e in frozen if not _implied(e.reason)]
         rec["frozen"] = {
             "count": len(frozen),
             "count_excluding_ignored": len(non_ignored),
@@ -267,6 +273,16 @@ def run_one(name: str, tol64: float, tol32: float, f32_above_m: float) -> dict[s
             except Exception as e:
                 rec["onnx"] = "fail"
                 rec["onnx_error"] = _tb_info(e)
+                # Does the unpruned (traced) model fail the same way? Then the exporter or the
+                # parity check is at fault, not the pruning.
+                try:
+                    with tempfile.TemporaryDirectory() as d:
+                        export_onnx(gm.float(), x.float(), os.path.join(d, "m.onnx"), check=True)
+                    rec["onnx_unpruned"] = "pass"
+                except Exception as e2:
+                    rec["onnx_unpruned"] = f"fail: {type(e2).__name__}: {str(e2)[:300]}"
+                with torch.no_grad():
+                    rec["output_absmax_float32"] = float(pruned.float()(x.float()).abs().max())
         done("onnx")
         rec["stage"] = None
     except Exception as e:
@@ -283,6 +299,18 @@ def run_one(name: str, tol64: float, tol32: float, f32_above_m: float) -> dict[s
 # ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
+def _git_rev() -> str:
+    root = os.path.dirname(HERE)
+    try:
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "structprune"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def run_in_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as f:
         out = f.name
@@ -290,6 +318,7 @@ def run_in_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
            "--tol64", str(args.tol64), "--tol32", str(args.tol32),
            "--f32-above", str(args.f32_above)]
     t0 = time.perf_counter()
+    rev = _git_rev()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         rc, stderr = p.returncode, p.stderr
@@ -311,6 +340,7 @@ def run_in_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
         rec = {"model": name, "status": status, "returncode": rc, "seconds": elapsed,
                "error": {"type": status, "message": f"{status} after {elapsed}s (rc={rc})",
                          "where": None, "traceback_tail": stderr.splitlines()[-25:]}}
+    rec["structprune_rev"] = rev
     return rec
 
 
@@ -357,7 +387,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     pruned = [r for r in results if r["status"] in ("oracle-equal", "oracle-mismatch")]
     big = [r for r in pruned if (r.get("mac_reduction_pct") or 0) >= 40.0]
     onnx = Counter(r.get("onnx", "-") for r in pruned)
-    with_frozen = [r for r in results if r.get("frozen", {}).get("count_excluding_ignored")]
+    with_frozen = [r for r in results if any(not _implied(k) for k in
+                                             r.get("frozen", {}).get("reasons", {}))]
     failed = [r for r in results if r["status"] in ("failed", "timeout", "crashed")]
     return {
         "models": n,
@@ -391,6 +422,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--f32-above", type=float, default=200.0,
                     help="run models with more than this many million parameters in float32 "
                          "to stay within memory (default 200)")
+    ap.add_argument("--resummarize", action="store_true",
+                    help="run nothing: print the table and summary of the existing --out file "
+                         "(and rewrite its summary)")
+    ap.add_argument("--update", action="store_true",
+                    help="merge into the existing --out file, replacing only the models run now")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -406,28 +442,59 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     names = (args.models.split(",") if args.models
              else torchvision.models.list_models(module=torchvision.models))
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"{len(names)} models, timeout {args.timeout:.0f}s", flush=True)
+    if not args.resummarize:
+        print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+              f"{len(names)} models, timeout {args.timeout:.0f}s", flush=True)
+    previous: list[dict[str, Any]] = []
     print_row({}, header=True)
+    if args.resummarize:
+        with open(args.out) as f:
+            data = json.load(f)
+        for r in data["results"]:
+            if "frozen" in r:  # recount with the current definition of implied entries
+                r["frozen"]["count_excluding_ignored"] = sum(
+                    n for k, n in r["frozen"]["reasons"].items() if not _implied(k))
+                first = [e for e in r["frozen"]["entries"] if not _implied(e["reason"])]
+                r["frozen"]["first_reason"] = (f"{first[0]['node']} ({first[0]['op']}): "
+                                               f"{first[0]['reason']}" if first else None)
+            print_row(r)
+        data["summary"] = summarize(data["results"])
+        with open(args.out, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        _print_summary(data["summary"])
+        return 0
+    if args.update and os.path.exists(args.out):
+        with open(args.out) as f:
+            previous = json.load(f).get("results", [])
     results = []
     for name in names:
         rec = run_in_subprocess(name.strip(), args)
         results.append(rec)
         print_row(rec)
+        if previous:
+            new = {r["model"]: r for r in results}
+            merged = [new.pop(r["model"], r) for r in previous] + list(new.values())
+        else:
+            merged = results
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:  # rewrite after each model: a partial run is usable too
             json.dump({"torch": torch.__version__, "torchvision": torchvision.__version__,
-                       "ratio": 0.5, "importance": "l2", "summary": summarize(results),
-                       "results": results}, f, indent=1, default=str)
-    s = summarize(results)
+                       "ratio": 0.5, "importance": "l2", "summary": summarize(merged),
+                       "results": merged}, f, indent=1, default=str)
+    if previous:
+        print("\nthis run: " + json.dumps(summarize(results)))
+    _print_summary(summarize(merged))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _print_summary(s: dict[str, Any]) -> None:
     print(f"\nSUMMARY: {s['models']} models | pruned {s['pruned']} | oracle-equal "
           f"{s['oracle_equal']} | oracle-mismatch {s['oracle_mismatch']} | onnx-parity "
           f"{s['onnx_parity']} (fail {s['onnx_fail']}, n/a {s['onnx_na']}) | frozen-with-reason "
           f"{s['frozen_with_reason']} | nothing-pruned {s['nothing_pruned']} | failed "
           f"{s['failed']} {s['failed_breakdown'] or ''} | MACs reduced >= 40%: "
           f"{s['macs_reduced_ge_40pct']}/{s['models']} ({s['pct_macs_reduced_ge_40pct']}%)")
-    print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":
