@@ -168,37 +168,69 @@ def _components(total: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, i
 def solve(table: SpaceTable, records: list[Record]) -> Solution:
     """Compute the connected components, resolving every :class:`Choice` to a free option.
 
-    First, options whose key is frozen even with no choice coupled at all are skipped. Then, in
-    graph order, the first choice whose key came out frozen moves to its next option and the
-    components are recomputed, until none moves. Any outcome is correct (every option is a valid
-    coupling); the search only looks for the one that leaves the most to prune.
+    Options whose key is frozen even with no choice coupled at all are skipped first. Then all
+    choices whose key came out frozen move to their next option together, for a few rounds,
+    keeping the configuration that freezes the fewest indices; finally, in graph order, single
+    frozen choices move one at a time until none can. Any outcome is correct (every option is a
+    valid coupling); the search only looks for the one that leaves the most to prune. The edges
+    of plain records and of each option are built once.
     """
     choices = [r for r in records if isinstance(r, Choice)]
     reasons: dict[Space, str] = {}
-    if choices:
-        plain = [r for r in records if not isinstance(r, Choice)]
-        a, b = _edges(table, plain, {})
-        label, frozen = _components(table.total, a, b)
-        for c in choices:
-            free = [k for k, (key, _) in enumerate(c.options)
-                    if key in table and label[table.offset[key]] != frozen]
-            c.chosen = free[0] if free else 0
-    tried = {id(c): {c.chosen} for c in choices}
-    budget = sum(len(c.options) for c in choices) + 1
-    for _ in range(budget):
-        reasons = {}
-        a, b = _edges(table, records, reasons)
-        label, frozen = _components(table.total, a, b)
+    plain = [r for r in records if not isinstance(r, Choice)]
+    pa, pb = _edges(table, plain, reasons)
+    if not choices:
+        label, frozen = _components(table.total, pa, pb)
+        return Solution(label, frozen, reasons)
+    label, frozen = _components(table.total, pa, pb)
+    for c in choices:
+        free = [k for k, (key, _) in enumerate(c.options)
+                if key in table and label[table.offset[key]] != frozen]
+        c.chosen = free[0] if free else 0
+    option_edges: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    option_reasons: dict[Space, str] = {}
+
+    def run() -> tuple[np.ndarray, int]:
+        parts_a, parts_b = [pa], [pb]
+        for i, c in enumerate(choices):
+            key = (i, c.chosen)
+            if key not in option_edges:
+                option_edges[key] = _edges(table, c.options[c.chosen][1], option_reasons)
+            parts_a.append(option_edges[key][0])
+            parts_b.append(option_edges[key][1])
+        return _components(table.total, np.concatenate(parts_a), np.concatenate(parts_b))
+
+    def stuck(lab: np.ndarray, fz: int) -> list[int]:
+        return [i for i, c in enumerate(choices) if len(c.options) > 1
+                and c.options[c.chosen][0] in table
+                and lab[table.offset[c.options[c.chosen][0]]] == fz]
+
+    best = None
+    for _ in range(2 * max(len(c.options) for c in choices) + 1):
+        label, frozen = run()
+        n_frozen = int(np.count_nonzero(label == frozen))
+        if best is None or n_frozen < best[0]:
+            best = (n_frozen, [c.chosen for c in choices])
+        todo = stuck(label, frozen)
+        if not todo:
+            break
+        for i in todo:
+            c = choices[i]
+            c.chosen = (c.chosen + 1) % len(c.options)
+    for c, k in zip(choices, best[1]):
+        c.chosen = k
+    tried = {i: {c.chosen} for i, c in enumerate(choices)}
+    for _ in range(sum(len(c.options) for c in choices) + 1):
+        label, frozen = run()
         moved = False
-        for c in choices:
-            key = c.options[c.chosen][0]
-            if key in table and label[table.offset[key]] == frozen:
-                rest = [k for k in range(len(c.options)) if k not in tried[id(c)]]
-                if rest:
-                    c.chosen = rest[0]
-                    tried[id(c)].add(rest[0])
-                    moved = True
-                    break
+        for i in stuck(label, frozen):
+            rest = [k for k in range(len(choices[i].options)) if k not in tried[i]]
+            if rest:
+                choices[i].chosen = rest[0]
+                tried[i].add(rest[0])
+                moved = True
+                break
         if not moved:
             break
+    reasons.update({k: v for k, v in option_reasons.items() if k not in reasons})
     return Solution(label, frozen, reasons)

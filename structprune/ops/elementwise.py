@@ -58,6 +58,9 @@ _UNARY_FUNCTIONS = (
     torch.ceil, torch.round, torch.trunc, torch.frac, torch.logit, torch.clone, torch.detach,
     operator.neg, operator.pos, operator.invert, abs,
 )
+# Functions of optional packages, keyed by name so that structprune does not import them.
+# torchvision's stochastic depth scales whole samples (identity in eval): channels map to channels.
+_UNARY_BY_NAME = ("torchvision.ops.stochastic_depth.stochastic_depth",)
 _UNARY_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "abs", "abs_",
     "neg", "sqrt", "rsqrt", "square", "sin", "cos", "erf", "clamp", "clamp_", "clip", "clip_",
@@ -67,7 +70,7 @@ _UNARY_METHODS = (
 )
 
 
-@register(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)
+@register(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS, *_UNARY_BY_NAME)
 class UnaryRule(OpRule):
     """Element-wise on one tensor (activations, dropout, casts): every dim maps to itself."""
 

@@ -144,6 +144,9 @@ def lookup(node: fx.Node, module: Optional[nn.Module], rules: dict[RuleKey, OpRu
             rule = rules.get(node.target)
         except TypeError:  # unhashable target
             rule = None
+        if rule is None:  # functions of optional packages are keyed by "module.name"
+            t = node.target
+            rule = rules.get(f"{getattr(t, '__module__', '')}.{getattr(t, '__name__', '')}")
         return rule if rule is not None else Frozen(f"no rule for {describe(node)}")
     if node.op == "call_method":
         rule = rules.get(str(node.target))
