@@ -219,18 +219,31 @@ def solve(table: SpaceTable, records: list[Record]) -> Solution:
             c.chosen = (c.chosen + 1) % len(c.options)
     for c, k in zip(choices, best[1]):
         c.chosen = k
-    tried = {i: {c.chosen} for i, c in enumerate(choices)}
-    for _ in range(sum(len(c.options) for c in choices) + 1):
-        label, frozen = run()
-        moved = False
+    # Steepest descent: try every other option of every stuck choice, take the single move that
+    # frees the most, until no move helps. Choices whose moves never help are not tried again.
+    label, frozen = run()
+    current = int(np.count_nonzero(label == frozen))
+    hopeless: set[int] = set()
+    for _ in range(len(choices) + 1):
+        best_move = None
         for i in stuck(label, frozen):
-            rest = [k for k in range(len(choices[i].options)) if k not in tried[i]]
-            if rest:
-                choices[i].chosen = rest[0]
-                tried[i].add(rest[0])
-                moved = True
-                break
-        if not moved:
+            if i in hopeless:
+                continue
+            c, keep, helped = choices[i], choices[i].chosen, False
+            for k in range(len(c.options)):
+                if k == keep:
+                    continue
+                c.chosen = k
+                lab_k, fz_k = run()
+                n_k = int(np.count_nonzero(lab_k == fz_k))
+                if n_k < current and (best_move is None or n_k < best_move[0]):
+                    best_move, helped = (n_k, i, k, lab_k, fz_k), True
+            c.chosen = keep
+            if not helped:
+                hopeless.add(i)
+        if best_move is None:
             break
+        current, i, k, label, frozen = best_move
+        choices[i].chosen = k
     reasons.update({k: v for k, v in option_reasons.items() if k not in reasons})
     return Solution(label, frozen, reasons)
