@@ -218,3 +218,87 @@ def test_embedding_width():
                     model[2].bias)
     torch.testing.assert_close(pruned(ids), want)
     assert pruned.get_submodule("0").embedding_dim == 4
+
+
+def _kept(n, dropped):
+    return torch.tensor([i for i in range(n) if i not in dropped])
+
+
+def test_prelu_pool_pad_per_channel():
+    model = f64(nn.Sequential(nn.Conv2d(3, 6, 3), nn.PReLU(6), nn.MaxPool2d(2), nn.ZeroPad2d(1),
+                              nn.AdaptiveAvgPool2d(2), nn.Conv2d(6, 2, 1)))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"0": [0, 3]})
+    k = _kept(6, {0, 3})
+    y = F.prelu(F.conv2d(x, model[0].weight[k], model[0].bias[k]), model[1].weight[k])
+    y = F.adaptive_avg_pool2d(F.pad(F.max_pool2d(y, 2), (1, 1, 1, 1)), 2)
+    torch.testing.assert_close(pruned(x), F.conv2d(y, model[5].weight[:, k], model[5].bias))
+
+
+class ChannelsLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 6, 1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * y.amax((2, 3), keepdim=True).expand_as(y)  # reduction over space + expand
+        return self.fc(y.permute(0, 2, 3, 1))
+
+
+def test_reduce_expand_permute_linear():
+    model = f64(ChannelsLast())
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"conv": [2, 5]})
+    k = _kept(6, {2, 5})
+    y = F.conv2d(x, model.conv.weight[k], model.conv.bias[k])
+    y = y * y.amax((2, 3), keepdim=True)
+    want = F.linear(y.permute(0, 2, 3, 1), model.fc.weight[:, k], model.fc.bias)
+    torch.testing.assert_close(pruned(x), want)
+
+
+class Products(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(5, 6), nn.Linear(5, 6), nn.Linear(6, 2)
+
+    def forward(self, x):  # x [B, T, 5]
+        s = torch.einsum("btc,bsc->bts", self.a(x), self.b(x))  # contracts the 6 channels
+        return self.out(torch.softmax(s, -1) @ self.a(x))
+
+
+def test_einsum_and_matmul_contract_pruned_channels():
+    model = f64(Products())
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"a": [1, 4]})
+    k = _kept(6, {1, 4})
+    a = F.linear(x, model.a.weight[k], model.a.bias[k])
+    b = F.linear(x, model.b.weight[k], model.b.bias[k])
+    want = F.linear(torch.softmax(a @ b.transpose(1, 2), -1) @ a, model.out.weight[:, k],
+                    model.out.bias)
+    torch.testing.assert_close(pruned(x), want)
+
+
+class SDPAHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(6, 24), nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, 4, 2).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 8))
+
+
+def test_sdpa_heads_by_hand():
+    model = f64(SDPAHeads())
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"qkv": [2]})  # q channel 2 is in head 1 (channels 2, 3)
+    heads = [0, 2, 3]
+    rows = torch.tensor([p * 8 + h * 2 + d for p in range(3) for h in heads for d in range(2)])
+    b, t, _ = x.shape
+    qkv = F.linear(x, model.qkv.weight[rows], model.qkv.bias[rows])
+    q, k, v = qkv.reshape(b, t, 3, 3, 2).permute(2, 0, 3, 1, 4).unbind(0)
+    cols = torch.tensor([h * 2 + d for h in heads for d in range(2)])
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 6)
+    torch.testing.assert_close(pruned(x), F.linear(o, model.proj.weight[:, cols], model.proj.bias))
