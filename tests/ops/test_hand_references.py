@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import structprune as sp
 from structprune.testing import assert_rule, randomize_
 
 from .helpers import copy_sliced
@@ -302,3 +303,66 @@ def test_sdpa_heads_by_hand():
     cols = torch.tensor([h * 2 + d for h in heads for d in range(2)])
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 6)
     torch.testing.assert_close(pruned(x), F.linear(o, model.proj.weight[:, cols], model.proj.bias))
+
+
+class MHABlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 4, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_multihead_attention_heads_against_pytorchs_own_module():
+    import copy
+
+    model = f64(MHABlock())
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    pruner = sp.Pruner(model, x, ratio=0.5, importance="l2")
+    graph = pruner.graph
+    pruned_plan = None
+    for g in graph.groups():
+        members = {m.qualname for m in g.params}
+        if "attn.in_proj_weight" in members:
+            pruned_plan = sp.Plan(graph, {g.id: torch.tensor([1])})
+    assert pruned_plan is not None, "heads of nn.MultiheadAttention are not a group"
+    pruned = pruner.apply(pruned_plan)
+    # Reference: PyTorch's own nn.MultiheadAttention with head 1's value rows zeroed: that head
+    # then adds exactly nothing, which is what removing it means.
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.attn.in_proj_weight[16 + 2:16 + 4] = 0
+        ref.attn.in_proj_bias[16 + 2:16 + 4] = 0
+    torch.testing.assert_close(pruned(x), ref(x))
+    assert pruned.get_parameter("attn.in_proj_weight").shape == (18, 8)
+    assert pruned.get_submodule("attn.out_proj").in_features == 6
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.bn = nn.BatchNorm2d(6)
+        self.w2 = nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, x):
+        y = F.conv2d(x, self.w1, None, 1, 1)
+        y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias)
+        y = torch.stack([y, F.interpolate(y, scale_factor=1.0)], 0).sum(0)
+        return F.linear(y.mean((2, 3)), self.w2)
+
+
+def test_functional_conv_bn_linear_stack_interpolate():
+    model = f64(Functional())
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"conv2d": [0, 4]})
+    k = _kept(6, {0, 4})
+    bn = model.bn
+    y = F.conv2d(x, model.w1[k], None, 1, 1)
+    y = F.batch_norm(y, bn.running_mean[k], bn.running_var[k], bn.weight[k], bn.bias[k])
+    want = F.linear((2 * y).mean((2, 3)), model.w2[:, k])
+    torch.testing.assert_close(pruned(x), want)
