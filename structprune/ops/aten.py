@@ -168,25 +168,11 @@ class AtenConvolutionRule(OpRule):
 
 @register(*_ops("conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input"),
           F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-class AtenConvTransposeRule(OpRule):
+class AtenConvTransposeRule(FunctionalConvRule):
     """``aten.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups,
     dilation)`` (also ``F.conv_transpose2d``'s order); the weight is ``[C_in, C_out/g, *k]``."""
 
-    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
-        x, w, b = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "bias")
-        sw = ctx.shape(w)
-        if sw is None:
-            return
-        groups = int(ctx.value(ctx.arg(6, "groups", 1)))
-        bias = ctx.space(b, 0) if ctx.shape(b) is not None else None
-        yield from conv_couplings(ctx, x, lambda d: ctx.space(w, d), bias, groups, len(sw) - 2,
-                                  transposed=True)
-
-    def update(self, actx: Any) -> None:
-        _update_groups(actx, 6, transposed=True)
-
-    def macs(self, mctx: Any) -> int:
-        return _conv_macs(mctx, mctx.shape(mctx.node.args[1]) or (0,), transposed=True)
+    transposed = True
 
 
 def _update_groups(actx: Any, pos: int, transposed: bool) -> None:

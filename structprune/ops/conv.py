@@ -106,6 +106,8 @@ class ConvTransposeRule(_ModuleConvRule):
 class FunctionalConvRule(OpRule):
     """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)``."""
 
+    transposed = False
+
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x, w, b = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "bias")
         sw = ctx.shape(w)
@@ -114,9 +116,10 @@ class FunctionalConvRule(OpRule):
         groups = int(ctx.value(ctx.arg(6, "groups", 1)))
         bias = ctx.space(b, 0) if ctx.shape(b) is not None else None
         yield from conv_couplings(ctx, x, lambda d: ctx.space(w, d), bias, groups, len(sw) - 2,
-                                  transposed=False)
+                                  transposed=self.transposed)
 
     def update(self, actx: Any) -> None:
+        # Whole groups go, so ``groups`` shrinks with the weight's first (ungrouped) dim.
         groups = actx.node.args[6] if len(actx.node.args) > 6 else actx.node.kwargs.get("groups", 1)
         if isinstance(groups, int) and groups > 1:
             w = actx.node.args[1] if len(actx.node.args) > 1 else actx.node.kwargs["weight"]
@@ -125,4 +128,4 @@ class FunctionalConvRule(OpRule):
 
     def macs(self, mctx: Any) -> int:
         w = mctx.node.args[1] if len(mctx.node.args) > 1 else mctx.node.kwargs["weight"]
-        return _conv_macs(mctx, mctx.shape(w) or (0,), transposed=False)
+        return _conv_macs(mctx, mctx.shape(w) or (0,), transposed=self.transposed)
