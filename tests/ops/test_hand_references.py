@@ -280,15 +280,7 @@ def test_einsum_and_matmul_contract_pruned_channels():
     torch.testing.assert_close(pruned(x), want)
 
 
-class SDPAHeads(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.proj = nn.Linear(6, 24), nn.Linear(8, 3)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, t, 3, 4, 2).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 8))
+from .test_rule_table import Heads as SDPAHeads  # qkv Linear(6, 24) -> 4 heads of 2 -> sdpa
 
 
 def test_sdpa_heads_by_hand():
