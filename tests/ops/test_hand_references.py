@@ -358,3 +358,53 @@ def test_functional_conv_bn_linear_stack_interpolate():
     y = F.batch_norm(y, bn.running_mean[k], bn.running_var[k], bn.weight[k], bn.bias[k])
     want = F.linear((2 * y).mean((2, 3)), model.w2[:, k])
     torch.testing.assert_close(pruned(x), want)
+
+
+class Misc(nn.Module):
+    """type_as, F.group_norm, repeat, InstanceNorm and 1d/3d pooling on pruned channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.inorm = nn.InstanceNorm1d(8, affine=True)
+        self.c3 = nn.Conv3d(8, 2, 1)
+
+    def forward(self, x):  # x [B, 3, L]
+        y = self.c1(x).type_as(x)
+        y = F.group_norm(y.unsqueeze(-1), 4, self.gn.weight, self.gn.bias).squeeze(-1)
+        y = F.max_pool1d(self.inorm(y), 2).repeat(1, 1, 2)
+        return self.c3(F.avg_pool3d(y[..., None, None].repeat(1, 1, 1, 2, 2), 2))
+
+
+def test_type_as_group_norm_repeat_instance_norm_pooling():
+    model = f64(Misc())
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"c1": [2]})  # GroupNorm takes channel 3 along
+    k = _kept(8, {2, 3})
+    y = F.conv1d(x, model.c1.weight[k], model.c1.bias[k])
+    y = F.group_norm(y.unsqueeze(-1), 3, model.gn.weight[k], model.gn.bias[k]).squeeze(-1)
+    y = F.instance_norm(y, weight=model.inorm.weight[k], bias=model.inorm.bias[k])
+    y = F.max_pool1d(y, 2).repeat(1, 1, 2)
+    y = F.avg_pool3d(y[..., None, None].repeat(1, 1, 1, 2, 2), 2)
+    torch.testing.assert_close(pruned(x), F.conv3d(y, model.c3.weight[:, k], model.c3.bias))
+
+
+class FEmbed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 6))
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, ids):
+        return self.fc(torch.tanh(F.embedding(ids, self.table)))
+
+
+def test_functional_embedding():
+    model = FEmbed().double().eval()
+    ids = torch.randint(0, 10, (2, 4))
+    pruned = assert_rule(model, ids, drop={"embedding": [5]})
+    k = _kept(6, {5})
+    want = F.linear(torch.tanh(F.embedding(ids, model.table[:, k])), model.fc.weight[:, k],
+                    model.fc.bias)
+    torch.testing.assert_close(pruned(ids), want)
