@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx

@@ -147,7 +147,3 @@ def count_macs(graph: "DependencyGraph", sizes: Optional[dict[Space, int]] = Non
 
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def prod(xs: Any) -> int:
-    return math.prod(xs)

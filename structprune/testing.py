@@ -7,7 +7,7 @@ parameter counts), ONNX parity (when the ``[onnx]`` extra is installed) and save
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch

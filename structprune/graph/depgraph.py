@@ -10,7 +10,6 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..graph.group import Group
-from .base import (Normalizer, Reduction, lp_per_index, normalize, per_index, reduce_members, scored_members,
+from .base import (Normalizer, Reduction, lp_per_index, normalize, reduce_members, scored_members,
                    tensor_of, to_units)
 
 

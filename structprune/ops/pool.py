@@ -5,7 +5,7 @@ spatial dims (which change size) are left frozen.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch.nn as nn
 import torch.nn.functional as F

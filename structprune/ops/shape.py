@@ -396,7 +396,7 @@ class GetItemRule(OpRule):
         if plan is None:
             return
         items = _index_items(value)
-        pos = _positions(items)
+        pos = _positions(items, len(sx))
         changed = False
         for kind, in_d, _, val in plan:
             dropped = actx.dropped(Space(src.name, in_d))
@@ -421,19 +421,18 @@ def _has_tensor(ctx: CoupleContext, index: Any) -> bool:
                                             or ctx.item_shapes(it) is not None) for it in items)
 
 
-def _positions(items: list[Any]) -> dict[int, int]:
+def _positions(items: list[Any], ndim: int) -> dict[int, int]:
     """Map input dim -> position in the index tuple (for ints and slices)."""
+    n_ell = ndim - sum(1 for it in items if it is not None and it is not Ellipsis)
     out, d = {}, 0
-    n_consuming = sum(1 for it in items if it is not None and it is not Ellipsis)
     for k, it in enumerate(items):
         if it is None:
             continue
         if it is Ellipsis:
-            d += -1  # filled in by the caller's plan; only consuming items are looked up
+            d += n_ell
             continue
         out[d] = k
         d += 1
-    del n_consuming
     return out
 
 

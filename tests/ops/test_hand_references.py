@@ -408,3 +408,21 @@ def test_functional_embedding():
     want = F.linear(torch.tanh(F.embedding(ids, model.table[:, k])), model.fc.weight[:, k],
                     model.fc.bias)
     torch.testing.assert_close(pruned(ids), want)
+
+
+class LastDimSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x)[..., 2:6])
+
+
+def test_slice_after_ellipsis_is_rewritten():
+    model = LastDimSlice().double().eval()
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"a": [0, 3]})
+    k = _kept(8, {0, 3})
+    y = F.linear(x, model.a.weight[k], model.a.bias[k])[..., 1:4]  # 2:6 minus 0 before, 3 inside
+    torch.testing.assert_close(pruned(x), F.linear(y, model.b.weight[:, [0, 2, 3]], model.b.bias))
