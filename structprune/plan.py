@@ -1,7 +1,6 @@
 """A :class:`Plan`: which units of which groups to drop, and what that removes from every tensor."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 

@@ -89,6 +89,7 @@ def report(model: nn.Module, pruned: Optional[nn.Module], example_inputs: Exampl
     pruned = pruned if pruned is not None else model
     g1 = g0 if pruned is model else trace(pruned, example_inputs)
     after = dict(pruned.named_parameters())
+    before = dict(g0.graph_module.named_parameters())
     rows = []
     for grp in g0.groups():
         members = [m for m in grp.params if m.role in ("out", "in", "norm")] or grp.params
@@ -97,7 +98,7 @@ def report(model: nn.Module, pruned: Optional[nn.Module], example_inputs: Exampl
         before_idx = int(m.index.numel())
         per_unit = max(before_idx // max(grp.num_units, 1), 1)
         kept_idx = before_idx if t is None else before_idx - (
-            dict(g0.graph_module.named_parameters())[m.qualname].shape[m.dim] - t.shape[m.dim])
+            before[m.qualname].shape[m.dim] - t.shape[m.dim])
         rows.append(GroupRow(grp.id, sorted({x.module for x in grp.params}), grp.num_units,
                              max(kept_idx // per_unit, 0), grp.width))
     return Report(sum(p.numel() for p in model.parameters()),

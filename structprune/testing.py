@@ -7,6 +7,8 @@ parameter counts), ONNX parity (when the ``[onnx]`` extra is installed) and save
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -186,13 +188,11 @@ def assert_rule(model: nn.Module, example_inputs: Any, drop: Optional[dict] = No
             pass
         else:
             from .export.onnx import export_onnx
-            import tempfile, os
 
             with tempfile.TemporaryDirectory() as d:
                 export_onnx(pruned, example_inputs, os.path.join(d, "m.onnx"), check=True)
     if save_load:
         from .io import load, save
-        import tempfile, os
 
         with tempfile.TemporaryDirectory() as d:
             save(pruned, os.path.join(d, "m.sp"))

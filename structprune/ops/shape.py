@@ -63,7 +63,7 @@ def _coords(sizes: list[int], k: int) -> np.ndarray:
 
 
 def reshape_couplings(flat_side: Any, multi_side: Any, flat_dim: int, dims: list[int],
-                      shape: Sequence[int], ctx: CoupleContext, flat_is_input: bool) -> Choice:
+                      shape: Sequence[int], ctx: CoupleContext) -> Choice:
     sizes = [shape[d] for d in dims]
     flat = ctx.space(flat_side, flat_dim)
     n = math.prod(sizes)
@@ -87,9 +87,9 @@ def view_couplings(ctx: CoupleContext, x: Any, out: Any) -> Iterator[Record]:
         if len(bi) == 1 and len(bj) == 1:
             yield Couple(ctx.space(x, bi[0]), ctx.space(out, bj[0]))
         elif len(bi) == 1:
-            yield reshape_couplings(x, out, bi[0], bj, so, ctx, flat_is_input=True)
+            yield reshape_couplings(x, out, bi[0], bj, so, ctx)
         elif len(bj) == 1:
-            yield reshape_couplings(out, x, bj[0], bi, sx, ctx, flat_is_input=False)
+            yield reshape_couplings(out, x, bj[0], bi, sx, ctx)
         else:
             for d in bi:
                 yield Freeze(ctx.space(x, d), _REGROUP)
