@@ -9,6 +9,7 @@ shape the plan implies, or the pass raises. A wrong model is never returned sile
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Any, Optional
 
 import numpy as np
@@ -52,17 +53,71 @@ def sliced_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]) -> dict[st
 def copy_sliced(gm: fx.GraphModule, dropped: dict[Space, np.ndarray]) -> fx.GraphModule:
     """A deep copy of ``gm`` in which the tensors that lose indices are already sliced.
 
-    The sliced tensors are handed to ``deepcopy`` through its memo, so each weight is copied
-    once (sliced or whole), never copied and then sliced.
+    The sliced tensors, clones of the others and plain copies of ordinary modules are handed to
+    ``deepcopy`` through its memo, so each weight is copied once (sliced or whole, never copied
+    and then sliced) and the module tree costs little more than its dictionaries.
     """
+    memo: dict[int, Any] = {}
     new = sliced_tensors(gm, dropped)
-    memo = {}
     for qual, t in new.items():
         owner, name = _owner(gm, qual)
         memo[id(getattr(owner, name))] = t
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        if id(t) not in memo and _plain_tensor(t):
+            memo[id(t)] = _clone(t)
+    for m in gm.modules():
+        if m is not gm:
+            _copy_module(m, memo)
     target = copy.deepcopy(gm, memo)
     target.__class__.__name__ = type(gm).__name__  # deepcopy drops the model's name
     return target
+
+
+_ATOMIC = (int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
+           torch.memory_format)
+
+
+def _atomic(v: Any) -> bool:
+    return isinstance(v, _ATOMIC) or (type(v) is tuple and all(_atomic(x) for x in v))
+
+
+def _plain_tensor(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter) and not t.__dict__
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    c = t.detach().clone()
+    return nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+
+
+def _copy_module(m: nn.Module, memo: dict[int, Any]) -> Any:
+    """What ``deepcopy(m, memo)`` returns, built by copying dictionaries where that is the same.
+
+    Modules with their own copy or pickling hooks are left to ``deepcopy``; every attribute that
+    is not an immutable value goes through ``deepcopy`` with the shared memo, so aliasing
+    between modules and tensors is kept exactly as ``deepcopy`` keeps it.
+    """
+    if id(m) in memo:
+        return memo[id(m)]
+    cls = type(m)
+    if (getattr(cls, "__deepcopy__", None) is not None or cls.__reduce_ex__ is not object.__reduce_ex__
+            or cls.__reduce__ is not object.__reduce__ or cls.__getstate__ is not nn.Module.__getstate__
+            or cls.__setstate__ is not nn.Module.__setstate__):
+        return copy.deepcopy(m, memo)
+    new = cls.__new__(cls)
+    memo[id(m)] = new
+    state = {}
+    for k, v in m.__dict__.items():
+        if _atomic(v):
+            state[k] = v
+        elif k == "_modules":
+            state[k] = type(v)((n, None if c is None else _copy_module(c, memo)) for n, c in v.items())
+        elif type(v) in (dict, OrderedDict, set) and not v:
+            state[k] = type(v)()
+        else:
+            state[k] = copy.deepcopy(v, memo)
+    new.__dict__.update(state)
+    return new
 
 
 class ApplyContext:

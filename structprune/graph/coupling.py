@@ -10,7 +10,7 @@ components of that relation are the units: the sets of indices that must be remo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -88,13 +88,19 @@ Record = Union[Couple, Freeze, Role, Choice]
 
 
 class SpaceTable:
-    """Give every index of every space a global element id; id 0 is the frozen sentinel."""
+    """Give every index of every space a global element id; id 0 is the frozen sentinel.
+
+    :meth:`merge` first unites the spaces that plain records tie index for index (an activation
+    and the ReLU after it, a conv's output and its weight's dim 0): each such class of spaces
+    shares one block of element ids, so the element-level solve only sees what differs.
+    """
 
     def __init__(self) -> None:
         self.offset: dict[Space, int] = {}
         self.size: dict[Space, int] = {}
         self.order: list[Space] = []
         self.total = 1
+        self._classes: Optional[list[list[Space]]] = None
 
     def add(self, space: Space, n: int) -> None:
         if space not in self.offset:
@@ -102,9 +108,48 @@ class SpaceTable:
             self.size[space] = n
             self.order.append(space)
             self.total += n
+            self._classes = None
 
     def __contains__(self, space: Space) -> bool:
         return space in self.offset
+
+    @property
+    def classes(self) -> list[list[Space]]:
+        """Spaces sharing one block of element ids, in block order (one space each unmerged)."""
+        if self._classes is None:
+            return [[s] for s in self.order]
+        return self._classes
+
+    def merge(self, records: Sequence[Record]) -> list[Record]:
+        """Unite the spaces that whole-space couplings of equal size tie, give each class one
+        block of element ids and return the records the element-level solve still needs."""
+        parent = {s: s for s in self.order}
+
+        def find(s: Space) -> Space:
+            while parent[s] is not s:
+                parent[s] = parent[parent[s]]
+                s = parent[s]
+            return s
+
+        rest: list[Record] = []
+        for r in records:
+            if (isinstance(r, Couple) and r.a_idx is None and r.b_idx is None and r.a in parent
+                    and r.b in parent and self.size[r.a] == self.size[r.b]):
+                ra, rb = find(r.a), find(r.b)
+                if ra is not rb:
+                    parent[rb] = ra
+            else:
+                rest.append(r)
+        blocks: dict[Space, list[Space]] = {}
+        for s in self.order:
+            blocks.setdefault(find(s), []).append(s)
+        total = 1
+        for members in blocks.values():
+            for s in members:
+                self.offset[s] = total
+            total += self.size[members[0]]
+        self.total, self._classes = total, list(blocks.values())
+        return rest
 
     def ids(self, space: Space, idx: IndexLike) -> np.ndarray:
         n = self.size[space]
@@ -116,7 +161,8 @@ class SpaceTable:
         return idx + self.offset[space]
 
     def starts(self) -> np.ndarray:
-        return np.array([self.offset[s] for s in self.order], dtype=np.int64)
+        """First element id of every class's block, in block order."""
+        return np.array([self.offset[c[0]] for c in self.classes], dtype=np.int64)
 
 
 @dataclass
@@ -175,6 +221,7 @@ def solve(table: SpaceTable, records: list[Record]) -> Solution:
     valid coupling); the search only looks for the one that leaves the most to prune. The edges
     of plain records and of each option are built once.
     """
+    records = table.merge(records)
     choices = [r for r in records if isinstance(r, Choice)]
     reasons: dict[Space, str] = {}
     plain = [r for r in records if not isinstance(r, Choice)]

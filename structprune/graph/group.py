@@ -117,59 +117,78 @@ class Group:
 def build_groups(table: SpaceTable, sol: Solution, roles: dict[Space, str]) -> list[Group]:
     """Turn the components into groups; components without any parameter are left out.
 
-    Vectorised: units are grouped by a 128-bit hash of their (space, count) signature.
+    Vectorised over element ids: units are grouped by a 128-bit hash of the multiset of space
+    classes (:meth:`SpaceTable.merge`) their elements lie in; every space of a class then gets
+    the class's member slice. Members are listed in table order.
     """
     label = sol.label
+    classes = table.classes
     starts = table.starts()
-    elems = np.arange(1, table.total, dtype=np.int64)
-    lab = label[elems]
-    keep = lab != sol.frozen_label
-    elems, lab = elems[keep], lab[keep]
-    space_idx = np.searchsorted(starts, elems, side="right") - 1
-    is_param = np.array([s.is_param for s in table.order], dtype=bool)
-    has_param = np.zeros(label.max() + 1, dtype=bool)
-    has_param[lab[is_param[space_idx]]] = True
-    sel = has_param[lab]
-    elems, lab, space_idx = elems[sel], lab[sel], space_idx[sel]
+    if table.total <= 1:
+        return []
+    # Elements in label order: one stable sort, then per-label segments.
+    lab_all = label[1:]
+    o = np.argsort(lab_all, kind="stable")
+    lab_sorted = lab_all[o]
+    elems = o.astype(np.int64) + 1
+    keep = lab_sorted != sol.frozen_label
+    elems, lab = elems[keep], lab_sorted[keep]
     if elems.size == 0:
         return []
-    # Signature hash of each label: sum over its elements of a random weight of their space.
+    cls_idx = np.searchsorted(starts, elems, side="right") - 1
+    seg = np.flatnonzero(np.diff(lab)) + 1
+    seg_start = np.concatenate([[0], seg])
+    ulab = lab[seg_start]
+    inv = np.repeat(np.arange(len(ulab)), np.diff(np.concatenate([seg_start, [lab.size]])))
+    # Signature of each label: sum of a random weight per class over its elements (wrapping).
     rng = np.random.default_rng(12345)
-    w1 = rng.integers(1, 2**62, size=len(table.order), dtype=np.int64)
-    w2 = rng.integers(1, 2**62, size=len(table.order), dtype=np.int64)
-    ulab, inv = np.unique(lab, return_inverse=True)
-    h1 = np.zeros(len(ulab), dtype=np.int64)
-    h2 = np.zeros(len(ulab), dtype=np.int64)
+    w1 = rng.integers(1, 2**62, size=len(classes), dtype=np.int64)
+    w2 = rng.integers(1, 2**62, size=len(classes), dtype=np.int64)
     with np.errstate(over="ignore"):
-        np.add.at(h1, inv, w1[space_idx])
-        np.add.at(h2, inv, w2[space_idx])
-    _, sig = np.unique(np.stack([h1, h2], axis=1), axis=0, return_inverse=True)
-    sig = sig.reshape(-1)
+        h1 = np.add.reduceat(w1[cls_idx], seg_start)
+        h2 = np.add.reduceat(w2[cls_idx], seg_start)
+    cls_param = np.array([any(sp.is_param for sp in c) for c in classes], dtype=bool)
+    has_param = np.logical_or.reduceat(cls_param[cls_idx], seg_start)
+    sig = np.full(len(ulab), -1, dtype=np.int64)
+    if has_param.any():
+        _, inv_sig = np.unique(np.stack([h1[has_param], h2[has_param]], axis=1), axis=0,
+                               return_inverse=True)
+        sig[has_param] = inv_sig.reshape(-1)
+    if not has_param.any():
+        return []
     # Order groups by their first label (graph order), units inside a group by label.
-    first = np.full(sig.max() + 1, np.iinfo(np.int64).max)
-    np.minimum.at(first, sig, ulab)
+    n_sig = int(sig.max()) + 1
+    first = np.full(n_sig, np.iinfo(np.int64).max)
+    valid = sig >= 0
+    np.minimum.at(first, sig[valid], ulab[valid])
     group_rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")
-    gid_of_ulab = group_rank[sig]
-    order_u = np.lexsort((ulab, gid_of_ulab))
-    unit_of_ulab = np.empty(len(ulab), dtype=np.int64)
-    counts_per_group = np.bincount(gid_of_ulab)
+    gid_of_ulab = np.where(valid, group_rank[np.maximum(sig, 0)], -1)
+    counts_per_group = np.bincount(gid_of_ulab[valid], minlength=n_sig)
     offsets = np.concatenate([[0], np.cumsum(counts_per_group)[:-1]])
-    unit_of_ulab[order_u] = np.arange(len(ulab)) - offsets[gid_of_ulab[order_u]]
+    # ulab is ascending, so a label's rank among its group's labels is its unit number.
+    unit_of_ulab = np.full(len(ulab), -1, dtype=np.int64)
+    order_u = np.lexsort((ulab[valid], gid_of_ulab[valid]))
+    vpos = np.flatnonzero(valid)[order_u]
+    unit_of_ulab[vpos] = np.arange(vpos.size) - offsets[gid_of_ulab[vpos]]
     e_gid, e_unit = gid_of_ulab[inv], unit_of_ulab[inv]
-    # One pass over elements sorted by (group, space, unit, index).
-    o = np.lexsort((elems, e_unit, space_idx, e_gid))
-    elems, e_gid, e_unit, space_idx = elems[o], e_gid[o], e_unit[o], space_idx[o]
-    cut = np.flatnonzero((np.diff(e_gid) != 0) | (np.diff(space_idx) != 0)) + 1
+    sel = e_gid >= 0
+    elems, e_gid, e_unit, cls_idx = elems[sel], e_gid[sel], e_unit[sel], cls_idx[sel]
+    # One pass over elements sorted by (group, class, unit, index).
+    o = np.lexsort((elems, e_unit, cls_idx, e_gid))
+    elems, e_gid, e_unit, cls_idx = elems[o], e_gid[o], e_unit[o], cls_idx[o]
+    cut = np.flatnonzero((np.diff(e_gid) != 0) | (np.diff(cls_idx) != 0)) + 1
     bounds = np.concatenate([[0], cut, [len(elems)]])
+    position = {sp: k for k, sp in enumerate(table.order)}
     members: list[list[Member]] = [[] for _ in range(len(counts_per_group))]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        space = table.order[space_idx[a]]
-        idx = elems[a:b] - table.offset[space]
-        members[e_gid[a]].append(Member(space, torch.from_numpy(idx.copy()),
-                                        torch.from_numpy(e_unit[a:b].copy()), roles.get(space)))
-    labels_sorted = ulab[order_u]
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        ci = int(cls_idx[a])
+        idx = torch.from_numpy(elems[a:b] - starts[ci])
+        unit = torch.from_numpy(e_unit[a:b].copy())
+        members[int(e_gid[a])] += [Member(sp, idx, unit, roles.get(sp)) for sp in classes[ci]]
+    labels_sorted = ulab[vpos]
     groups = []
     for gid, n in enumerate(counts_per_group.tolist()):
         labs = labels_sorted[offsets[gid]:offsets[gid] + n]
-        groups.append(Group(gid, n, members[gid], labs))
+        mem = sorted(members[gid], key=lambda m: position[m.space])
+        groups.append(Group(gid, n, mem, labs))
     return groups

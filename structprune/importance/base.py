@@ -8,6 +8,7 @@ can compare groups.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Optional, Protocol, runtime_checkable
 
 import torch
@@ -41,12 +42,20 @@ def per_index(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tens
 
 
 def lp_per_index(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
-    """``sum |t|^p`` over every dim but ``dim`` in one pass: ``[t.shape[dim]]``."""
+    """``sum |t|^p`` over every dim but ``dim``: ``[t.shape[dim]]``, in at most two sweeps.
+
+    The dims before ``dim`` are summed as columns of a 2-d view (contiguous rows, one pass),
+    then the dims after it; both are memory-bound reductions over contiguous data.
+    """
     t = t.detach()
+    n = t.shape[dim]
+    if p == 2 and dim == 0 and t.numel():
+        return torch.linalg.vector_norm(t.reshape(n, -1), 2, dim=1).square().double().cpu()
     a = t * t if p == 2 else t.abs().pow(p)
-    if dim < t.dim() - 1:  # trailing dims are contiguous: reduce them first, in one sweep
-        a = a.flatten(dim + 1).sum(-1)
-    return a.reshape(-1, t.shape[dim]).sum(0).double().cpu()
+    before = math.prod(t.shape[:dim])
+    if before > 1:
+        a = a.reshape(before, -1).sum(0)
+    return a.reshape(n, -1).sum(1).double().cpu()
 
 
 def to_units(group: Group, member: Member, values: torch.Tensor) -> torch.Tensor:
