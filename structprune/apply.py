@@ -28,18 +28,25 @@ def _owner(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(path) if path else root), name
 
 
+def _tensors_by_name(root: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``root`` by qualified name (tied tensors under each name)."""
+    out = dict(root.named_parameters(remove_duplicate=False))
+    out.update(root.named_buffers(remove_duplicate=False))
+    return out
+
+
 def sliced_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]) -> dict[str, torch.Tensor]:
     """New tensors for every parameter, buffer or tensor attribute of ``root`` that loses indices."""
     by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
     for s, idx in dropped.items():
         if s.is_param and len(idx):
             by_tensor.setdefault(s.key[1:], []).append((s.dim, idx))
+    named = _tensors_by_name(root)
     out = {}
     for qual, dims in by_tensor.items():
-        owner, name = _owner(root, qual)
-        t = getattr(owner, name)
+        t = named[qual] if qual in named else getattr(*_owner(root, qual))
         new = t.detach()
-        for dim, idx in dims:
+        for dim, idx in sorted(dims, key=lambda d: d[0]):  # outer dim first: fewer bytes
             mask = np.ones(new.shape[dim], dtype=bool)
             mask[idx] = False
             keep = np.flatnonzero(mask)
@@ -58,11 +65,10 @@ def copy_sliced(gm: fx.GraphModule, dropped: dict[Space, np.ndarray]) -> fx.Grap
     and then sliced) and the module tree costs little more than its dictionaries.
     """
     memo: dict[int, Any] = {}
-    new = sliced_tensors(gm, dropped)
-    for qual, t in new.items():
-        owner, name = _owner(gm, qual)
-        memo[id(getattr(owner, name))] = t
-    for t in list(gm.parameters()) + list(gm.buffers()):
+    named = _tensors_by_name(gm)
+    for qual, t in sliced_tensors(gm, dropped).items():
+        memo[id(named[qual] if qual in named else getattr(*_owner(gm, qual)))] = t
+    for t in named.values():
         if id(t) not in memo and _plain_tensor(t):
             memo[id(t)] = _clone(t)
     for m in gm.modules():
@@ -112,12 +118,19 @@ def _copy_module(m: nn.Module, memo: dict[int, Any]) -> Any:
             state[k] = v
         elif k == "_modules":
             state[k] = type(v)((n, None if c is None else _copy_module(c, memo)) for n, c in v.items())
+        elif k in ("_parameters", "_buffers") and type(v) in (dict, OrderedDict):
+            state[k] = type(v)((n, memo[id(t)] if id(t) in memo else copy.deepcopy(t, memo))
+                               for n, t in v.items())
         elif type(v) in (dict, OrderedDict, set) and not v:
             state[k] = type(v)()
         else:
             state[k] = copy.deepcopy(v, memo)
     new.__dict__.update(state)
     return new
+
+
+_NONE = np.zeros(0, dtype=np.int64)
+_NONE.flags.writeable = False
 
 
 class ApplyContext:
@@ -136,7 +149,7 @@ class ApplyContext:
         return a
 
     def dropped(self, space: Space) -> np.ndarray:
-        return self._dropped.get(space, np.zeros(0, dtype=np.int64))
+        return self._dropped.get(space, _NONE)
 
     def old_shape(self, a: Any) -> Optional[tuple[int, ...]]:
         s = self._shapes.get(a.name)
@@ -216,12 +229,17 @@ def apply_plan(plan: Plan, example_inputs: tuple[tuple, dict]) -> fx.GraphModule
     target = copy_sliced(graph.graph_module, dropped)
     args, kwargs = example_inputs
     inputs = placeholder_values(target, args, kwargs)
+    before = [(n, n.target, n.args, n.kwargs) for n in target.graph.nodes]
     try:  # updates are idempotent, so a failed meta run can be redone for real
         _Applier(target, graph.node_rules, graph.shapes, dropped, meta=True).run_graph(inputs)
     except UnsupportedOpError:
         raise
     except Exception:
         _Applier(target, graph.node_rules, graph.shapes, dropped, meta=False).run_graph(inputs)
-    target.graph.lint()
-    target.recompile()
+    # Rules replace a node's args/kwargs/target to change them; when none did, the code that
+    # deepcopy generated is already the code of this graph.
+    if any(t is not n.target or a is not n.args or k is not n.kwargs for n, t, a, k in before) \
+            or len(before) != len(target.graph.nodes):
+        target.graph.lint()
+        target.recompile()
     return target

@@ -61,10 +61,12 @@ class Plan:
         for gid, units in self.drops.items():
             mask = np.zeros(groups[gid].num_units, dtype=bool)
             mask[units.numpy()] = True
+            picked: dict[int, np.ndarray] = {}  # members of one space class share tensors
             for m in groups[gid].members:
-                sel = mask[m.unit.numpy()]
-                if sel.any():
-                    out.setdefault(m.space, []).append(m.index.numpy()[sel])
+                if id(m.unit) not in picked:
+                    picked[id(m.unit)] = m.index.numpy()[mask[m.unit.numpy()]]
+                if picked[id(m.unit)].size:
+                    out.setdefault(m.space, []).append(picked[id(m.unit)])
         return {s: np.sort(v[0]) if len(v) == 1 else np.unique(np.concatenate(v))
                 for s, v in out.items()}
 

@@ -10,16 +10,18 @@ components of that relation are the units: the sets of indices that must be remo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 
-@dataclass(frozen=True, order=True)
-class Space:
-    """One dimension of one tensor: ``key`` is a node name, ``node#item`` or ``@param.qualname``."""
+class Space(NamedTuple):
+    """One dimension of one tensor: ``key`` is a node name, ``node#item`` or ``@param.qualname``.
+
+    A named tuple: hashing and comparing spaces is on the hot path of coupling and grouping.
+    """
 
     key: str
     dim: int

@@ -326,6 +326,13 @@ def to_meta(v: Any) -> Any:
     return v
 
 
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like`` on the meta device without its Python decomposition."""
+    if x.is_contiguous():
+        return x.new_empty(x.shape)
+    return torch.empty_like(x)
+
+
 def _meta_fast_path(mod: nn.Module, args: Any, kwargs: Any) -> Any:
     """Output of common modules on meta inputs without their (slow) meta decompositions."""
     from ..ops.elementwise import _UNARY_MODULES
@@ -335,18 +342,82 @@ def _meta_fast_path(mod: nn.Module, args: Any, kwargs: Any) -> Any:
     x = args[0]
     cls = type(mod)
     if cls in _UNARY_MODULES or cls in _SAME_SHAPE:
-        return torch.empty_like(x)
+        return _like(x)
     if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        out = _conv_shape(mod, x)
+        if out is not None:
+            return x.new_empty(out)
         b = mod.bias.to("meta") if mod.bias is not None else None
         return mod._conv_forward(x, mod.weight.to("meta"), b)
     if cls is nn.Linear:
-        b = mod.bias.to("meta") if mod.bias is not None else None
-        return torch.nn.functional.linear(x, mod.weight.to("meta"), b)
+        w, b = mod.weight, mod.bias
+        if (x.dim() >= 1 and x.shape[-1] == w.shape[1] and w.dtype == x.dtype
+                and (b is None or tuple(b.shape) == (w.shape[0],)) and x.is_contiguous()):
+            return x.new_empty((*x.shape[:-1], w.shape[0]))
+        b = b.to("meta") if b is not None else None
+        return torch.nn.functional.linear(x, w.to("meta"), b)
     return None
+
+
+def _conv_shape(mod: nn.Module, x: torch.Tensor) -> Optional[tuple[int, ...]]:
+    """Output shape of a batched, contiguous, consistent ``nn.ConvNd`` call by its formula, or
+    None where the meta kernel should decide (and raise, if the call is invalid)."""
+    w, b = mod.weight, mod.bias
+    nd = w.dim() - 2
+    if (x.dim() != nd + 2 or x.shape[1] != w.shape[1] * mod.groups or w.dtype != x.dtype
+            or not x.is_contiguous() or not w.is_contiguous()
+            or (b is not None and tuple(b.shape) != (w.shape[0],))):
+        return None
+    if mod.padding == "same":
+        return None
+    pad = (0,) * nd if mod.padding == "valid" else tuple(mod.padding)
+    spatial = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
+        x.shape[2:], pad, mod.dilation, w.shape[2:], mod.stride))
+    if any(n <= 0 for n in spatial):
+        return None
+    return (x.shape[0], w.shape[0], *spatial)
 
 
 _SAME_SHAPE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU)
+_F = torch.nn.functional
+# Shape- and dtype-preserving on floating tensors whatever their keyword arguments say.
+_META_UNARY = {_F.relu, torch.relu, torch.sigmoid, torch.tanh, _F.gelu, _F.silu, _F.hardswish,
+               _F.hardsigmoid, _F.relu6, _F.dropout, "relu", "sigmoid", "tanh"}
+_META_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+                torch.mul, torch.div, "add", "sub", "mul", "div"}
+
+
+def _meta_elementwise(target: Any, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """Output of plain float arithmetic on contiguous meta tensors, or None (take the slow path).
+
+    With every tensor operand contiguous and of one floating dtype (Python numbers allowed),
+    the result is a contiguous tensor of that dtype and the broadcast shape.
+    """
+    try:
+        if target not in _META_UNARY and target not in _META_BINARY:
+            return None
+    except TypeError:  # an unhashable target
+        return None
+    if target in _META_UNARY:
+        x = args[0] if len(args) == 1 else None
+        if (isinstance(x, torch.Tensor) and x.is_meta and x.is_floating_point()
+                and x.is_contiguous()):
+            return x.new_empty(x.shape)
+        return None
+    if kwargs or len(args) != 2:
+        return None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or any(not isinstance(a, (torch.Tensor, int, float)) or isinstance(a, bool)
+                          for a in args):
+        return None
+    dtype = tensors[0].dtype
+    if not dtype.is_floating_point or any(
+            t.dtype != dtype or not t.is_meta or not t.is_contiguous() for t in tensors):
+        return None
+    shape = tensors[0].shape if len(tensors) == 1 or tensors[0].shape == tensors[1].shape \
+        else torch.broadcast_shapes(tensors[0].shape, tensors[1].shape)
+    return tensors[0].new_empty(shape)
 
 
 class ShapeInterpreter(fx.Interpreter):
@@ -372,6 +443,20 @@ class ShapeInterpreter(fx.Interpreter):
         tensors = {k: v.to("meta") for k, v in list(mod.named_parameters())
                    + list(mod.named_buffers())}
         return functional_call(mod, tensors, args, kwargs)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.meta:
+            fast = _meta_elementwise(target, args, kwargs)
+            if fast is not None:
+                return fast
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.meta:
+            fast = _meta_elementwise(target, args, kwargs)
+            if fast is not None:
+                return fast
+        return super().call_method(target, args, kwargs)
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         out = super().get_attr(target, args, kwargs)
@@ -401,13 +486,14 @@ class _Recorder(ShapeInterpreter):
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Run in eval mode (no running-stat updates, no dropout), then restore every module's flag."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    training = [m for m in module.modules() if m.training]
+    for m in training:
+        m.training = False
     try:
         yield
     finally:
-        for m, t in flags:
-            m.training = t
+        for m in training:
+            m.training = True
 
 
 def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
