@@ -153,6 +153,13 @@ class SpaceTable:
         self.total, self._classes = total, list(blocks.values())
         return rest
 
+    def multiplicity(self) -> np.ndarray:
+        """For every element id, how many spaces share it (1 everywhere before :meth:`merge`)."""
+        counts = [len(c) for c in self.classes]
+        sizes = [self.size[c[0]] for c in self.classes]
+        return np.concatenate([[1], np.repeat(np.asarray(counts, dtype=np.int64),
+                                              np.asarray(sizes, dtype=np.int64))])
+
     def ids(self, space: Space, idx: IndexLike) -> np.ndarray:
         n = self.size[space]
         if idx is None:
@@ -249,6 +256,12 @@ def solve(table: SpaceTable, records: list[Record]) -> Solution:
             parts_b.append(option_edges[key][1])
         return _components(table.total, np.concatenate(parts_a), np.concatenate(parts_b))
 
+    weight = table.multiplicity()
+
+    def n_frozen_of(lab: np.ndarray, fz: int) -> int:
+        """Frozen indices over every space (a merged element counts once per space it is)."""
+        return int(weight[lab == fz].sum())
+
     def stuck(lab: np.ndarray, fz: int) -> list[int]:
         return [i for i, c in enumerate(choices) if len(c.options) > 1
                 and c.options[c.chosen][0] in table
@@ -257,7 +270,7 @@ def solve(table: SpaceTable, records: list[Record]) -> Solution:
     best = None
     for _ in range(2 * max(len(c.options) for c in choices) + 1):
         label, frozen = run()
-        n_frozen = int(np.count_nonzero(label == frozen))
+        n_frozen = n_frozen_of(label, frozen)
         if best is None or n_frozen < best[0]:
             best = (n_frozen, [c.chosen for c in choices])
         todo = stuck(label, frozen)
@@ -271,7 +284,7 @@ def solve(table: SpaceTable, records: list[Record]) -> Solution:
     # Steepest descent: try every other option of every stuck choice, take the single move that
     # frees the most, until no move helps. Choices whose moves never help are not tried again.
     label, frozen = run()
-    current = int(np.count_nonzero(label == frozen))
+    current = n_frozen_of(label, frozen)
     hopeless: set[int] = set()
     for _ in range(len(choices) + 1):
         best_move = None
@@ -284,7 +297,7 @@ def solve(table: SpaceTable, records: list[Record]) -> Solution:
                     continue
                 c.chosen = k
                 lab_k, fz_k = run()
-                n_k = int(np.count_nonzero(lab_k == fz_k))
+                n_k = n_frozen_of(lab_k, fz_k)
                 if n_k < current and (best_move is None or n_k < best_move[0]):
                     best_move, helped = (n_k, i, k, lab_k, fz_k), True
             c.chosen = keep

@@ -368,7 +368,7 @@ def _conv_shape(mod: nn.Module, x: torch.Tensor) -> Optional[tuple[int, ...]]:
             or not x.is_contiguous() or not w.is_contiguous()
             or (b is not None and tuple(b.shape) != (w.shape[0],))):
         return None
-    if mod.padding == "same":
+    if mod.padding == "same" or mod.padding_mode != "zeros":  # reflect pads have own limits
         return None
     pad = (0,) * nd if mod.padding == "valid" else tuple(mod.padding)
     spatial = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
