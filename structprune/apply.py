@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .errors import UnsupportedOpError
 from .graph.coupling import Space
-from .graph.trace import ShapeInterpreter, placeholder_values
+from .graph.trace import ShapeInterpreter, placeholder_values, plain_module
 from .plan import Plan
 
 
@@ -236,10 +236,9 @@ def apply_plan(plan: Plan, example_inputs: tuple[tuple, dict]) -> fx.GraphModule
         raise
     except Exception:
         _Applier(target, graph.node_rules, graph.shapes, dropped, meta=False).run_graph(inputs)
-    # Rules replace a node's args/kwargs/target to change them; when none did, the code that
-    # deepcopy generated is already the code of this graph.
+    # Rules replace a node's args/kwargs/target to change them; when none did, the graph is a
+    # copy of a valid one.
     if any(t is not n.target or a is not n.args or k is not n.kwargs for n, t, a, k in before) \
             or len(before) != len(target.graph.nodes):
         target.graph.lint()
-        target.recompile()
-    return target
+    return plain_module(target)

@@ -187,3 +187,22 @@ def test_activation_masks_contract():
     masks = pruner.plan().activation_masks()
     names = {n.name for n in sp.trace(m, x).graph_module.graph.nodes}
     assert set(masks) <= names and masks["conv1"][0] == 1 and len(masks["conv1"][1]) == 8
+
+
+def test_pruned_model_is_a_plain_graph_module():
+    """Analysis graphs generate their code lazily; what users get is an ordinary GraphModule
+    (TorchScript refuses lazy ones) with code for the pruned graph."""
+    import torch.fx as fx
+
+    m, x = resnet()
+    graph = sp.trace(m, x)
+    torch.testing.assert_close(graph.graph_module(x), m(x))  # lazy code still runs
+    assert "def forward" in graph.graph_module.code
+    pruned = sp.prune(m, x, ratio=0.5)
+    assert type(pruned).__mro__[1] is fx.GraphModule and type(pruned).__name__ == type(m).__name__
+    y = pruned(x)
+    seq = randomize_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 4, 3))).double().eval()  # unannotated forward
+    small = sp.prune(seq, x, ratio=0.5)
+    torch.testing.assert_close(torch.jit.script(small)(x), small(x))
+    torch.testing.assert_close(copy.deepcopy(pruned)(x), y)

@@ -147,7 +147,35 @@ def capture(model: nn.Module, rules: dict[RuleKey, OpRule], leaf_modules: Iterab
                         f"{first}")
             raise TraceError(message) from exc
     _drop_unused(graph)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return analysis_module(tracer.root, graph, type(model).__name__)
+
+
+def analysis_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
+    """A GraphModule for analysis, whose Python code is generated only when first needed.
+
+    Tracing and slicing never run the generated code (they interpret the graph), so torch's
+    lazy GraphModule saves a code generation and compile per model. Pruned models handed to
+    users are made plain again (:func:`plain_module`): TorchScript does not take lazy ones.
+    """
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # pragma: no cover - older torch
+        return fx.GraphModule(root, graph, name)
+    return _LazyGraphModule(root, graph, name)
+
+
+def plain_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make ``gm`` an ordinary ``fx.GraphModule`` (in place) with code for its current graph.
+
+    A lazy module gets its own plain GraphModule class, as ``fx.GraphModule`` gives each
+    instance, and then generates its code once; its submodules and tensors stay as they are.
+    """
+    if type(gm).__mro__[1] is not fx.GraphModule:
+        name = type(gm).__name__
+        gm.__class__ = type("GraphModuleImpl", (fx.GraphModule,), {})
+        gm.__class__.__name__ = name
+    gm.recompile()
+    return gm
 
 
 def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
@@ -167,7 +195,7 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     epm = ep.module()
     graph = _plain_graph(epm.graph)
     _drop_unused(graph)
-    gm = fx.GraphModule(epm, graph, type(model).__name__)
+    gm = analysis_module(epm, graph, type(model).__name__)
     # Tensors the graph does not read (num_batches_tracked, unused layers) stay, so that the
     # state dict keeps the model's keys.
     adopt_tensors(gm, epm)
