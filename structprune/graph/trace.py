@@ -448,6 +448,25 @@ def _meta_elementwise(target: Any, args: tuple, kwargs: dict) -> Optional[torch.
     return tensors[0].new_empty(shape)
 
 
+def _load_args(a: Any, env: dict) -> Any:
+    """The values of a node's arguments: ``fx.node.map_arg`` over ``env``, fast for the
+    plain containers fx puts in ``args``."""
+    t = type(a)
+    if t is fx.Node:
+        return env[a]
+    if t is tuple:
+        return tuple([_load_args(x, env) for x in a])
+    if t is fx.immutable_collections.immutable_list or t is list:
+        return [_load_args(x, env) for x in a]
+    if t is fx.immutable_collections.immutable_dict or t is dict:
+        return {k: _load_args(v, env) for k, v in a.items()}
+    if t is slice:
+        return slice(_load_args(a.start, env), _load_args(a.stop, env), _load_args(a.step, env))
+    if t in (int, float, bool, str, type(None)):
+        return a
+    return fx.node.map_arg(a, env.__getitem__)
+
+
 class ShapeInterpreter(fx.Interpreter):
     """An fx Interpreter that can run on the meta device: shapes without arithmetic.
 
@@ -458,11 +477,22 @@ class ShapeInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, meta: bool = False) -> None:
         super().__init__(gm)
         self.meta = meta
+        self._submodules = dict(gm.named_modules())
+
+    def run_node(self, n: fx.Node) -> Any:
+        """fx's ``run_node`` without its per-node logging and metadata context (not needed to
+        compute values), with a direct lookup of the argument values."""
+        env = self.env
+        args = _load_args(n.args, env)
+        kwargs = _load_args(n.kwargs, env) if n.kwargs else {}
+        return getattr(self, n.op)(n.target, args, kwargs)
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        mod = self._submodules.get(target)
+        if mod is None:
+            mod = self.fetch_attr(target)
         if not self.meta:
-            return super().call_module(target, args, kwargs)
-        mod = self.fetch_attr(target)
+            return mod(*args, **kwargs)
         fast = _meta_fast_path(mod, args, kwargs)
         if fast is not None:
             return fast
