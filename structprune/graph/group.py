@@ -151,9 +151,13 @@ def build_groups(table: SpaceTable, sol: Solution, roles: dict[Space, str]) -> l
     has_param = np.logical_or.reduceat(cls_param[cls_idx], seg_start)
     sig = np.full(len(ulab), -1, dtype=np.int64)
     if has_param.any():
-        _, inv_sig = np.unique(np.stack([h1[has_param], h2[has_param]], axis=1), axis=0,
-                               return_inverse=True)
-        sig[has_param] = inv_sig.reshape(-1)
+        a, b = h1[has_param], h2[has_param]
+        o = np.lexsort((b, a))  # ids of distinct (a, b) pairs, without a structured sort
+        new = np.ones(o.size, dtype=bool)
+        new[1:] = (a[o][1:] != a[o][:-1]) | (b[o][1:] != b[o][:-1])
+        inv_sig = np.empty(o.size, dtype=np.int64)
+        inv_sig[o] = np.cumsum(new) - 1
+        sig[has_param] = inv_sig
     if not has_param.any():
         return []
     # Order groups by their first label (graph order), units inside a group by label.
