@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .errors import UnsupportedOpError
 from .graph.coupling import Space
-from .graph.trace import ShapeInterpreter, placeholder_values, plain_module
+from .graph.trace import ShapeInterpreter, paused_gc, placeholder_values, plain_module
 from .plan import Plan
 
 
@@ -224,6 +224,11 @@ class _Applier(ShapeInterpreter):
 
 def apply_plan(plan: Plan, example_inputs: tuple[tuple, dict]) -> fx.GraphModule:
     """A new, sliced copy of ``plan.graph.graph_module``; the traced model is not touched."""
+    with paused_gc():
+        return _apply_plan(plan, example_inputs)
+
+
+def _apply_plan(plan: Plan, example_inputs: tuple[tuple, dict]) -> fx.GraphModule:
     graph = plan.graph
     dropped = plan.dropped_indices()
     target = copy_sliced(graph.graph_module, dropped)

@@ -16,7 +16,7 @@ from . import allocate, importance as importance_mod
 from .apply import apply_plan
 from .errors import PlanError
 from .graph.depgraph import DependencyGraph, resolve_ignore, trace
-from .graph.trace import ExampleInputs, check_model, normalize_inputs
+from .graph.trace import ExampleInputs, check_model, normalize_inputs, paused_gc
 from .plan import Plan, count_macs
 
 
@@ -197,7 +197,8 @@ class Pruner:
         """Plan and apply the next step; the pruner continues from the result."""
         if self.steps_done >= self.config.iterative_steps:
             raise PlanError(f"all {self.config.iterative_steps} steps are done")
-        pruned = self.apply(self.plan())
+        with paused_gc():
+            pruned = self.apply(self.plan())
         self.steps_done += 1
         if pruned is not self.model:
             self.model = pruned

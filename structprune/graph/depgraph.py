@@ -15,10 +15,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import PlanError
-from ..ops.registry import CoupleContext, Frozen, OpRule, RuleKey, describe, lookup, registry
+from ..ops.registry import (CoupleContext, Frozen, OpRule, RuleKey, describe, lookup, registry,
+                            tensor_shapes)
 from .coupling import Choice, Couple, Freeze, Record, Role, Solution, Space, SpaceTable, solve
 from .group import Group, build_groups
-from .trace import ExampleInputs, capture, check_model, normalize_inputs, record_shapes
+from .trace import (ExampleInputs, capture, check_model, normalize_inputs, paused_gc,
+                    record_shapes)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,12 @@ class DependencyGraph:
     def __init__(self, model: nn.Module, example_inputs: ExampleInputs,
                  rules: Optional[dict[RuleKey, OpRule]] = None, leaf_modules: Iterable[Any] = (),
                  ignore: Iterable[nn.Module] = ()) -> None:
+        with paused_gc():
+            self._init(model, example_inputs, rules, leaf_modules, ignore)
+
+    def _init(self, model: nn.Module, example_inputs: ExampleInputs,
+              rules: Optional[dict[RuleKey, OpRule]], leaf_modules: Iterable[Any],
+              ignore: Iterable[nn.Module]) -> None:
         check_model(model)
         self.model = model
         self.rules = registry()
@@ -130,6 +138,7 @@ class DependencyGraph:
         return [s for s, _ in _spaces_of(n.name, self.shapes.get(n.name))]
 
     def _build(self) -> None:
+        self._tuple_shapes = tensor_shapes(self.shapes)
         self._add_spaces()
         self._get_attr = {n.name: str(n.target) for n in self.graph_module.graph.nodes
                           if n.op == "get_attr"}
@@ -203,7 +212,7 @@ class DependencyGraph:
                 self._frozen.append(FrozenEntry(n.name, describe(n), rule.reason))
             return [Freeze(s, rule.reason) for s in own + inputs]
         ctx = CoupleContext(n, module, self.shapes, self.values,
-                            str(n.target) if n.op == "call_module" else None)
+                            str(n.target) if n.op == "call_module" else None, self._tuple_shapes)
         try:
             produced = list(rule.couple(ctx))
         except Exception as exc:  # a rule that cannot read this call: freeze, never guess

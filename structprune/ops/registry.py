@@ -154,16 +154,24 @@ def lookup(node: fx.Node, module: Optional[nn.Module], rules: dict[RuleKey, OpRu
     return Frozen(f"no rule for {node.op}")
 
 
+def tensor_shapes(shapes: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``{node name: shape tuple}`` for the nodes whose value is one tensor."""
+    return {k: tuple(v) for k, v in shapes.items() if isinstance(v, torch.Size)}
+
+
 class CoupleContext:
     """What a rule sees while coupling one node: its arguments, shapes and spaces."""
 
     def __init__(self, node: fx.Node, module: Optional[nn.Module], shapes: dict[str, Any],
-                 values: dict[str, Any], module_path: Optional[str] = None) -> None:
+                 values: dict[str, Any], module_path: Optional[str] = None,
+                 tuple_shapes: Optional[dict[str, tuple[int, ...]]] = None) -> None:
         self.node = node
         self.module = module
         self._shapes = shapes
         self._values = values
         self.module_path = module_path
+        # Tensor shapes as tuples, shared by all contexts of one graph (rules ask for them often).
+        self._tuples = tuple_shapes if tuple_shapes is not None else tensor_shapes(shapes)
 
     # --- arguments -----------------------------------------------------------------------------
     def arg(self, i: int, name: str, default: Any = None) -> Any:
@@ -184,9 +192,7 @@ class CoupleContext:
     def shape(self, a: Any) -> Optional[tuple[int, ...]]:
         """The output shape of tensor node ``a``, or None if ``a`` is not a tensor node."""
         if isinstance(a, fx.Node):
-            s = self._shapes.get(a.name)
-            if isinstance(s, torch.Size):
-                return tuple(s)
+            return self._tuples.get(a.name)
         return None
 
     @property

@@ -204,3 +204,29 @@ def test_merged_solve_groups_like_the_element_solve(name, monkeypatch):
     assert merged == plain
     assert np.count_nonzero(graph.solution.label == graph.solution.frozen_label) < len(
         graph.solution.label)
+
+
+def test_gc_is_paused_only_while_building(monkeypatch):
+    import gc
+
+    seen = []
+    real = coupling.solve
+
+    def spy(*a, **k):
+        seen.append(gc.isenabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr("structprune.graph.depgraph.solve", spy)
+    m = models.get("resnet20").eval()
+    assert gc.isenabled()
+    sp.trace(m, models.example_inputs("resnet20"))
+    assert seen == [False] and gc.isenabled()
+    gc.disable()  # a caller's own pause is left alone
+    try:
+        sp.trace(m, models.example_inputs("resnet20"))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(Exception):
+        sp.trace(m, torch.randn(1, 5, 32, 32))  # fails inside: the collector comes back
+    assert gc.isenabled()
