@@ -206,3 +206,53 @@ def test_pruned_model_is_a_plain_graph_module():
     small = sp.prune(seq, x, ratio=0.5)
     torch.testing.assert_close(torch.jit.script(small)(x), small(x))
     torch.testing.assert_close(copy.deepcopy(pruned)(x), y)
+
+
+@pytest.mark.parametrize("name", ["l2", "bn_scale", "taylor"])
+def test_scores_follow_in_place_changes_of_weights_and_grads(name):
+    """Per-index values are memoised on the graph; changing a weight (or its gradient) in
+    place, as an optimizer step does, must change the scores."""
+    m, x = resnet()
+    pruner = sp.Pruner(m, x, ratio=0.5, importance=name)
+    if name == "taylor":
+        pruner.model(x).square().sum().backward()
+    first = pruner.scores()
+    cache = pruner.graph._per_index_cache
+    assert cache and pruner.scores().keys() == first.keys()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(torch.rand_like(p) + 0.5)
+        if name == "taylor":
+            for p in m.parameters():
+                p.grad.mul_(torch.rand_like(p) + 0.5)
+    fresh = sp.Pruner(m, x, ratio=0.5, importance=name).scores() if name != "taylor" else None
+    again = pruner.scores()
+    changed = [g for g in first if not torch.allclose(first[g], again[g])]
+    assert changed, "scores did not follow the new weights"
+    if fresh is not None:  # and they equal what a new graph computes
+        for g in fresh:
+            torch.testing.assert_close(again[g], fresh[g])
+
+
+def test_a_tensor_dim_shared_by_many_groups_is_scored_once():
+    torch.manual_seed(0)
+    m = models.get("densenet").eval()
+    x = models.example_inputs("densenet")
+    pruner = sp.Pruner(m, x, ratio=0.5)
+    graph = pruner.graph
+    calls = []
+    real = sp.importance.base.lp_per_index
+
+    def count(t, dim, p):
+        calls.append((id(t), dim))
+        return real(t, dim, p)
+
+    import structprune.importance.magnitude as mag
+    mag.lp_per_index, saved = count, mag.lp_per_index
+    try:
+        pruner.scores()
+    finally:
+        mag.lp_per_index = saved
+    members = [(mm.qualname, mm.dim) for g in graph.groups() for mm in g.params
+               if mm.role != "stat"]
+    assert len(calls) == len(set(calls)) == len(set(members)) < len(members)

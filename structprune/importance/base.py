@@ -9,7 +9,7 @@ can compare groups.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Optional, Protocol, runtime_checkable
+from typing import Callable, Hashable, Literal, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -56,6 +56,26 @@ def lp_per_index(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     if before > 1:
         a = a.reshape(before, -1).sum(0)
     return a.reshape(n, -1).sum(1).double().cpu()
+
+
+def cached_per_index(graph: object, member: Member, key: Hashable,
+                     fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """``fn(tensor, dim)`` for a member's tensor, memoised on the graph.
+
+    One tensor dim is often a member of many groups (in a DenseNet, a conv's input channels
+    are split over every earlier layer's group), so per-index values are computed once per
+    ``(tensor, dim, key)`` and reused while the tensor and its gradient are unchanged (their
+    identities and in-place version counters are part of the cache key).
+    """
+    t = tensor_of(graph, member)
+    g = t.grad
+    stamp = (id(t), t._version, None if g is None else (id(g), g._version))
+    cache = graph.__dict__.setdefault("_per_index_cache", {})  # type: ignore[attr-defined]
+    k = (member.qualname, member.dim, key)
+    hit = cache.get(k)
+    if hit is None or hit[0] != stamp:
+        hit = cache[k] = (stamp, fn(t, member.dim))
+    return hit[1]
 
 
 def to_units(group: Group, member: Member, values: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 
 from ..graph.group import Group
-from .base import (Normalizer, Reduction, lp_per_index, normalize, reduce_members, scored_members,
-                   tensor_of, to_units)
+from .base import (Normalizer, Reduction, cached_per_index, lp_per_index, normalize,
+                   reduce_members, scored_members, to_units)
 
 
 class MagnitudeImportance:
@@ -32,7 +32,8 @@ class MagnitudeImportance:
     def __call__(self, group: Group, graph: object) -> Optional[torch.Tensor]:
         scores = []
         for m in scored_members(group, self.roles):
-            v = lp_per_index(tensor_of(graph, m), m.dim, self.p)
+            v = cached_per_index(graph, m, ("lp", self.p),
+                                 lambda t, d: lp_per_index(t, d, self.p))
             scores.append(to_units(group, m, v))
         s = reduce_members(scores, self.reduction)
         return None if s is None else normalize(s, self.normalizer)
@@ -52,7 +53,8 @@ class BNScaleImportance:
         self.normalizer = normalizer
 
     def __call__(self, group: Group, graph: object) -> Optional[torch.Tensor]:
-        scores = [to_units(group, m, lp_per_index(tensor_of(graph, m), m.dim, 1))
+        scores = [to_units(group, m, cached_per_index(graph, m, ("lp", 1),
+                                                      lambda t, d: lp_per_index(t, d, 1)))
                   for m in scored_members(group, ("norm",))]
         s = reduce_members(scores, "sum")
         return None if s is None else normalize(s, self.normalizer)

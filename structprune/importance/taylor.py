@@ -9,17 +9,20 @@ import torch
 
 from ..errors import PlanError
 from ..graph.group import Group
-from .base import Normalizer, Reduction, normalize, reduce_members, scored_members, tensor_of, to_units
+from .base import (Normalizer, Reduction, cached_per_index, normalize, reduce_members,
+                   scored_members, tensor_of, to_units)
 
 
 def _grad_scores(group: Group, graph: object, fn, what: str) -> list[torch.Tensor]:
+    def per_index(t: torch.Tensor, dim: int) -> torch.Tensor:
+        v = fn(t.detach().double(), t.grad.detach().double())
+        return v.transpose(0, dim).reshape(t.shape[dim], -1).sum(1).cpu()
+
     scores = []
     for m in scored_members(group, None):
-        t = tensor_of(graph, m)
-        if t.grad is None:
+        if tensor_of(graph, m).grad is None:
             continue
-        v = fn(t.detach().double(), t.grad.detach().double())
-        v = v.transpose(0, m.dim).reshape(t.shape[m.dim], -1).sum(1).cpu()
+        v = cached_per_index(graph, m, what, per_index)
         scores.append(to_units(group, m, v.abs()))
     if not scores and any(tensor_of(graph, m).requires_grad for m in group.params):
         names = sorted({m.qualname for m in group.params})[:3]
