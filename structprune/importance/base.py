@@ -9,7 +9,7 @@ can compare groups.
 from __future__ import annotations
 
 import math
-from typing import Callable, Hashable, Literal, Optional, Protocol, runtime_checkable
+from typing import Callable, Hashable, Literal, Optional, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -28,9 +28,12 @@ class Importance(Protocol):
 
 def tensor_of(graph: object, member: Member) -> torch.Tensor:
     """The parameter/buffer a member slices, from the traced module (shared with the model)."""
-    gm = graph.graph_module  # type: ignore[attr-defined]
     owner_path, _, name = member.qualname.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
+    modules = getattr(graph, "modules", None)  # the graph's path -> module table
+    owner = modules.get(owner_path) if isinstance(modules, dict) else None
+    if owner is None:
+        gm = graph.graph_module  # type: ignore[attr-defined]
+        owner = gm.get_submodule(owner_path) if owner_path else gm
     return getattr(owner, name)
 
 
@@ -84,10 +87,31 @@ def to_units(group: Group, member: Member, values: torch.Tensor) -> torch.Tensor
     return out.index_add_(0, member.unit, values[member.index])
 
 
-def reduce_members(scores: list[torch.Tensor], reduction: Reduction) -> Optional[torch.Tensor]:
-    if not scores:
+def units_matrix(group: Group, members: list[Member], values: list[torch.Tensor]) -> torch.Tensor:
+    """``[len(members), num_units]``: row k is :func:`to_units` of ``members[k]``, ``values[k]``.
+
+    Members of one space class share their index tensors; their values are gathered together
+    and everything is summed into units with one ``index_add``.
+    """
+    n = group.num_units
+    clusters: dict[int, list[int]] = {}
+    for k, m in enumerate(members):
+        clusters.setdefault(id(m.index), []).append(k)
+    pos, vals = [], []
+    for ks in clusters.values():
+        m = members[ks[0]]
+        vals.append(torch.stack([values[k].double() for k in ks])[:, m.index].reshape(-1))
+        pos.append((torch.as_tensor(ks)[:, None] * n + m.unit[None, :]).reshape(-1))
+    out = torch.zeros(len(members) * n, dtype=torch.float64)
+    return out.index_add_(0, torch.cat(pos), torch.cat(vals)).view(len(members), n)
+
+
+def reduce_members(scores: Union[list[torch.Tensor], torch.Tensor],
+                   reduction: Reduction) -> Optional[torch.Tensor]:
+    """Combine per-member unit scores (a list, or the rows of a matrix) into one per unit."""
+    if len(scores) == 0:
         return None
-    s = torch.stack(scores)
+    s = scores if isinstance(scores, torch.Tensor) else torch.stack(scores)
     if reduction == "sum":
         return s.sum(0)
     if reduction == "mean":

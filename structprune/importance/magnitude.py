@@ -9,7 +9,7 @@ import torch
 
 from ..graph.group import Group
 from .base import (Normalizer, Reduction, cached_per_index, lp_per_index, normalize,
-                   reduce_members, scored_members, to_units)
+                   reduce_members, scored_members, units_matrix)
 
 
 class MagnitudeImportance:
@@ -30,12 +30,10 @@ class MagnitudeImportance:
         self.p, self.reduction, self.normalizer, self.roles = p, reduction, normalizer, roles
 
     def __call__(self, group: Group, graph: object) -> Optional[torch.Tensor]:
-        scores = []
-        for m in scored_members(group, self.roles):
-            v = cached_per_index(graph, m, ("lp", self.p),
-                                 lambda t, d: lp_per_index(t, d, self.p))
-            scores.append(to_units(group, m, v))
-        s = reduce_members(scores, self.reduction)
+        members = scored_members(group, self.roles)
+        values = [cached_per_index(graph, m, ("lp", self.p), lambda t, d: lp_per_index(t, d, self.p))
+                  for m in members]
+        s = reduce_members(units_matrix(group, members, values) if members else [], self.reduction)
         return None if s is None else normalize(s, self.normalizer)
 
 
@@ -53,10 +51,10 @@ class BNScaleImportance:
         self.normalizer = normalizer
 
     def __call__(self, group: Group, graph: object) -> Optional[torch.Tensor]:
-        scores = [to_units(group, m, cached_per_index(graph, m, ("lp", 1),
-                                                      lambda t, d: lp_per_index(t, d, 1)))
-                  for m in scored_members(group, ("norm",))]
-        s = reduce_members(scores, "sum")
+        members = scored_members(group, ("norm",))
+        values = [cached_per_index(graph, m, ("lp", 1), lambda t, d: lp_per_index(t, d, 1))
+                  for m in members]
+        s = reduce_members(units_matrix(group, members, values) if members else [], "sum")
         return None if s is None else normalize(s, self.normalizer)
 
 

@@ -230,3 +230,17 @@ def test_gc_is_paused_only_while_building(monkeypatch):
     with pytest.raises(Exception):
         sp.trace(m, torch.randn(1, 5, 32, 32))  # fails inside: the collector comes back
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("name", ["densenet", "vit"])
+def test_units_matrix_equals_member_by_member(name):
+    from structprune.importance.base import lp_per_index, tensor_of, to_units, units_matrix
+
+    torch.manual_seed(0)
+    m = models.get(name).eval()
+    graph = sp.trace(m, models.example_inputs(name))
+    for g in graph.groups():
+        members = g.params
+        values = [lp_per_index(tensor_of(graph, mm), mm.dim, 2) for mm in members]
+        want = torch.stack([to_units(g, mm, v) for mm, v in zip(members, values)])
+        torch.testing.assert_close(units_matrix(g, members, values), want, rtol=1e-12, atol=0)
