@@ -417,6 +417,34 @@ _META_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torc
                 torch.mul, torch.div, "add", "sub", "mul", "div"}
 
 
+_META_CAT = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _meta_cat(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """``torch.cat`` of contiguous meta tensors of one dtype and rank whose other dims agree."""
+    xs = args[0] if args else kwargs.get("tensors")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if (len(args) > 2 or set(kwargs) - {"tensors", "dim"} or not isinstance(xs, (list, tuple))
+            or not xs or not isinstance(dim, int)):
+        return None
+    first = xs[0]
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        return None
+    nd = first.dim()
+    d = dim % nd if -nd <= dim < nd else None
+    if d is None:
+        return None
+    shape = list(first.shape)
+    shape[d] = 0
+    for x in xs:
+        if (not isinstance(x, torch.Tensor) or not x.is_meta or x.dtype != first.dtype
+                or x.dim() != nd or not x.is_contiguous()
+                or any(x.shape[k] != first.shape[k] for k in range(nd) if k != d)):
+            return None
+        shape[d] += x.shape[d]
+    return first.new_empty(shape)
+
+
 def _meta_elementwise(target: Any, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     """Output of plain float arithmetic on contiguous meta tensors, or None (take the slow path).
 
@@ -424,6 +452,8 @@ def _meta_elementwise(target: Any, args: tuple, kwargs: dict) -> Optional[torch.
     the result is a contiguous tensor of that dtype and the broadcast shape.
     """
     try:
+        if target in _META_CAT:
+            return _meta_cat(args, kwargs)
         if target not in _META_UNARY and target not in _META_BINARY:
             return None
     except TypeError:  # an unhashable target

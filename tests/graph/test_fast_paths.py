@@ -244,3 +244,26 @@ def test_units_matrix_equals_member_by_member(name):
         values = [lp_per_index(tensor_of(graph, mm), mm.dim, 2) for mm in members]
         want = torch.stack([to_units(g, mm, v) for mm, v in zip(members, values)])
         torch.testing.assert_close(units_matrix(g, members, values), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1, 2])
+def test_cat_shortcut_matches_real(dim):
+    xs = [torch.randn(2, 3, 4), torch.randn(2, 3, 4)]
+    xs = [x.narrow(dim, 0, 1 + k) for k, x in enumerate(xs)]  # different sizes along dim
+    xs = [x.contiguous() for x in xs]
+    want = torch.cat(xs, dim)
+    for f in (torch.cat, torch.concat):
+        got = _meta_elementwise(f, ([x.to("meta") for x in xs], dim), {})
+        assert got.shape == want.shape and got.dtype == want.dtype
+    got = _meta_elementwise(torch.cat, ([x.to("meta") for x in xs],), {"dim": dim})
+    assert got.shape == want.shape
+
+
+def test_cat_shortcut_declines_what_the_kernel_must_judge():
+    a = torch.empty(2, 3, device="meta")
+    assert _meta_elementwise(torch.cat, ([a, torch.empty(3, 3, device="meta")], 1), {}) is None
+    assert _meta_elementwise(torch.cat, ([a, a.double()], 0), {}) is None
+    assert _meta_elementwise(torch.cat, ([a, a.t()], 0), {}) is None
+    assert _meta_elementwise(torch.cat, ([a, a], 2), {}) is None
+    assert _meta_elementwise(torch.cat, ([a, torch.empty(3, device="meta")], 0), {}) is None
+    assert _meta_elementwise(torch.cat, ([], 0), {}) is None
