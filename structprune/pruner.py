@@ -17,6 +17,7 @@ from .apply import apply_plan
 from .errors import PlanError
 from .graph.depgraph import DependencyGraph, resolve_ignore, trace
 from .graph.trace import ExampleInputs, check_model, normalize_inputs, paused_gc
+from .importance.base import scratch_space
 from .plan import Plan, count_macs
 
 
@@ -139,8 +140,10 @@ class Pruner:
     def scores(self) -> dict[int, torch.Tensor]:
         """One score per unit for every group the importance can score."""
         out = {}
-        for g in self.graph.groups():
-            s = self.importance(g, self.graph)
+        with scratch_space():
+            groups = self.graph.groups()
+            raw = [(g, self.importance(g, self.graph)) for g in groups]
+        for g, s in raw:
             if s is not None:
                 s = torch.as_tensor(s, dtype=torch.float64).flatten()
                 if s.numel() != g.num_units:
