@@ -21,6 +21,7 @@ from .errors import UnsupportedOpError
 from .graph.coupling import Space
 from .graph.trace import ShapeInterpreter, paused_gc, placeholder_values, plain_module
 from .plan import Plan
+from .scratch import scratch_space, temporary
 
 
 def _owner(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
@@ -46,11 +47,18 @@ def sliced_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]) -> dict[st
     for qual, dims in by_tensor.items():
         t = named[qual] if qual in named else getattr(*_owner(root, qual))
         new = t.detach()
-        for dim, idx in sorted(dims, key=lambda d: d[0]):  # outer dim first: fewer bytes
+        steps = sorted(dims, key=lambda d: d[0])  # outer dim first: fewer bytes
+        for k, (dim, idx) in enumerate(steps):
             mask = np.ones(new.shape[dim], dtype=bool)
             mask[idx] = False
-            keep = np.flatnonzero(mask)
-            new = new.index_select(dim, torch.as_tensor(keep, dtype=torch.long, device=t.device))
+            keep = torch.as_tensor(np.flatnonzero(mask), dtype=torch.long, device=t.device)
+            if k == 0 and len(steps) == 2:  # the halfway copy goes to scratch space
+                shape = list(new.shape)
+                shape[dim] = len(keep)
+                new = torch.index_select(new, dim, keep,
+                                         out=temporary(shape, new.dtype, new.device))
+            else:
+                new = new.index_select(dim, keep)
         new = new.contiguous()
         out[qual] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(
             t, nn.Parameter) else new
@@ -224,7 +232,7 @@ class _Applier(ShapeInterpreter):
 
 def apply_plan(plan: Plan, example_inputs: tuple[tuple, dict]) -> fx.GraphModule:
     """A new, sliced copy of ``plan.graph.graph_module``; the traced model is not touched."""
-    with paused_gc():
+    with paused_gc(), scratch_space():
         return _apply_plan(plan, example_inputs)
 
 

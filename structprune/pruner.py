@@ -17,7 +17,7 @@ from .apply import apply_plan
 from .errors import PlanError
 from .graph.depgraph import DependencyGraph, resolve_ignore, trace
 from .graph.trace import ExampleInputs, check_model, normalize_inputs, paused_gc
-from .importance.base import scratch_space
+from .scratch import scratch_space
 from .plan import Plan, count_macs
 
 

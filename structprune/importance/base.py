@@ -8,15 +8,13 @@ can compare groups.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from typing import (Callable, Hashable, Iterator, Literal, Optional, Protocol, Union,
-                    runtime_checkable)
+from typing import Callable, Hashable, Literal, Optional, Protocol, Union, runtime_checkable
 
 import torch
 
 from ..graph.group import Group, Member
+from ..scratch import temporary
 
 Reduction = Literal["sum", "mean", "max", "first"]
 Normalizer = Optional[Literal["mean", "max", "sum", "standardization", "lamp"]]
@@ -47,36 +45,6 @@ def per_index(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tens
     return (v.sum(others, dtype=torch.float64) if others else v.double()).cpu()
 
 
-_SCRATCH = threading.local()
-
-
-@contextlib.contextmanager
-def scratch_space() -> Iterator[None]:
-    """Let the scorers of one pass reuse one temporary buffer per dtype and device.
-
-    Squaring a weight needs a temporary as large as the weight; a fresh allocation per tensor
-    costs more in page faults than the arithmetic (half the L2 time on a ResNet-50).
-    """
-    outer = getattr(_SCRATCH, "pool", None)
-    _SCRATCH.pool = {}
-    try:
-        yield
-    finally:
-        _SCRATCH.pool = outer
-
-
-def _temporary(like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised contiguous tensor shaped like ``like``, from the pass's scratch space."""
-    pool = getattr(_SCRATCH, "pool", None)
-    if pool is None:
-        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    key = (like.dtype, like.device)
-    buf = pool.get(key)
-    if buf is None or buf.numel() < like.numel():
-        buf = pool[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-    return buf[:like.numel()].view(like.shape)
-
-
 def lp_per_index(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     """``sum |t|^p`` over every dim but ``dim``: ``[t.shape[dim]]``, in at most two sweeps.
 
@@ -87,7 +55,7 @@ def lp_per_index(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     n = t.shape[dim]
     if p == 2 and dim == 0 and t.numel():
         return torch.linalg.vector_norm(t.reshape(n, -1), 2, dim=1).square().double().cpu()
-    a = _temporary(t)
+    a = temporary(t.shape, t.dtype, t.device)
     if p == 2:
         torch.mul(t, t, out=a)
     else:

@@ -267,3 +267,34 @@ def test_cat_shortcut_declines_what_the_kernel_must_judge():
     assert _meta_elementwise(torch.cat, ([a, a], 2), {}) is None
     assert _meta_elementwise(torch.cat, ([a, torch.empty(3, device="meta")], 0), {}) is None
     assert _meta_elementwise(torch.cat, ([], 0), {}) is None
+
+
+def test_scratch_space_is_shared_inside_and_fresh_outside():
+    from structprune.scratch import scratch_space, temporary
+
+    a = temporary((2, 3), torch.float32, torch.device("cpu"))
+    b = temporary((2, 3), torch.float32, torch.device("cpu"))
+    assert a.data_ptr() != b.data_ptr()
+    with scratch_space():
+        c = temporary((2, 3), torch.float32, torch.device("cpu"))
+        d = temporary((4, 5), torch.float32, torch.device("cpu"))  # grows the buffer
+        e = temporary((1, 2), torch.float32, torch.device("cpu"))
+        assert e.data_ptr() == d.data_ptr() and c.shape == (2, 3) and d.shape == (4, 5)
+        assert temporary((2,), torch.float64, torch.device("cpu")).dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ["resnet20", "densenet", "vit"])
+def test_pruned_tensors_own_their_memory(name):
+    """No pruned parameter or buffer may be a view of scratch space or of another tensor."""
+    torch.manual_seed(0)
+    m = models.get(name).eval()
+    x = models.example_inputs(name)
+    pruned = sp.prune(m, x, ratio=0.5, importance="l2")
+    storages = {}
+    for key, t in list(pruned.named_parameters()) + list(pruned.named_buffers()):
+        if t.numel() == 0:
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        assert ptr not in storages, f"{key} shares memory with {storages[ptr]}"
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), key
+        storages[ptr] = key
