@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import UnsupportedOpError
+from .errors import PlanError, UnsupportedOpError
 from .graph.coupling import Space
 from .graph.trace import ShapeInterpreter, paused_gc, placeholder_values, plain_module
 from .plan import Plan
@@ -251,7 +251,127 @@ def _apply_plan(plan: Plan, example_inputs: tuple[tuple, dict]) -> fx.GraphModul
         _Applier(target, graph.node_rules, graph.shapes, dropped, meta=False).run_graph(inputs)
     # Rules replace a node's args/kwargs/target to change them; when none did, the graph is a
     # copy of a valid one.
-    if any(t is not n.target or a is not n.args or k is not n.kwargs for n, t, a, k in before) \
-            or len(before) != len(target.graph.nodes):
+    if len(before) != len(target.graph.nodes) or _calls_changed(before):
         target.graph.lint()
     return plain_module(target)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal node arguments: nodes by identity, containers item by item, values by ``==``."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or isinstance(a, fx.Node):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, slice):
+        return _same(a.start, b.start) and _same(a.stop, b.stop) and _same(a.step, b.step)
+    try:
+        eq = a == b
+    except Exception:
+        return False
+    return eq if isinstance(eq, bool) else False
+
+
+def _calls_changed(before: list[tuple[fx.Node, Any, Any, Any]]) -> bool:
+    """Whether any node's target, args or kwargs differ from ``(node, target, args, kwargs)``
+    recorded before (rules rewrite literal sizes by replacing a node's args)."""
+    return any(not (_same(t, n.target) and _same(a, n.args) and _same(k, n.kwargs))
+               for n, t, a, k in before)
+
+
+class _Snapshot:
+    """What in-place slicing may change, saved so that a failure leaves everything as it was:
+    every module's attributes, parameters and buffers, and every node's call."""
+
+    def __init__(self, roots: list[nn.Module], graph: fx.Graph) -> None:
+        seen: dict[int, nn.Module] = {}
+        for root in roots:
+            for m in root.modules():
+                seen.setdefault(id(m), m)
+        self.modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers))
+                        for m in seen.values()]
+        self.nodes = [(n, n.target, n.args, n.kwargs) for n in graph.nodes]
+
+    def calls_changed(self) -> bool:
+        return _calls_changed(self.nodes)
+
+    def restore(self) -> None:
+        for m, attrs, params, buffers in self.modules:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+        for n, t, a, k in self.nodes:
+            if n.target is not t:
+                n.target = t
+            if n.args is not a:
+                n.args = a
+            if n.kwargs is not k:
+                n.kwargs = k
+
+
+def _put_tensor(owner: nn.Module, name: str, t: torch.Tensor) -> None:
+    if name in owner._parameters:
+        owner._parameters[name] = t
+    elif name in owner._buffers:
+        owner._buffers[name] = t
+    else:
+        setattr(owner, name, t)
+
+
+def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict]) -> None:
+    """Apply ``plan`` to the traced model itself: its modules get the sliced tensors and new
+    attributes, and nothing is copied.
+
+    Raises :class:`PlanError` when the model's own forward would need new literal sizes
+    (``x.view(B, 64, -1)``) or when the graph was captured by ``torch.export`` (its modules are
+    not the model's); any error leaves the model exactly as it was.
+    """
+    graph = plan.graph
+    gm, model = graph.graph_module, graph.model
+    if gm.meta.get("structprune_capture") == "export":
+        raise PlanError(f"{type(model).__name__} was captured by torch.export, whose graph does "
+                        f"not run the model's own modules; prune it with sp.prune(...)")
+    with paused_gc(), scratch_space():
+        dropped = plan.dropped_indices()
+        snap = _Snapshot([model, gm], gm.graph)
+        try:
+            named = _tensors_by_name(gm)
+            by_id: dict[int, torch.Tensor] = {}  # old tensor -> its sliced replacement
+            quals = []
+            for qual, new in sliced_tensors(gm, dropped).items():
+                old = named[qual] if qual in named else getattr(*_owner(gm, qual))
+                by_id.setdefault(id(old), new)
+                quals.append(qual)
+            # Every name a sliced tensor goes by (tied weights), in gm and in the model (gm may
+            # hold a tensor on a path-holder module of its own).
+            quals += [q for q, t in named.items() if id(t) in by_id]
+            for root in (gm, model):
+                for qual in dict.fromkeys(quals):
+                    try:
+                        owner, name = _owner(root, qual)
+                    except AttributeError:
+                        continue
+                    old = getattr(owner, name, None)
+                    if id(old) in by_id:
+                        _put_tensor(owner, name, by_id[id(old)])
+            inputs = placeholder_values(gm, *example_inputs)
+            try:
+                _Applier(gm, graph.node_rules, graph.shapes, dropped, meta=True).run_graph(inputs)
+            except UnsupportedOpError:
+                raise
+            except Exception:
+                _Applier(gm, graph.node_rules, graph.shapes, dropped, meta=False).run_graph(inputs)
+            if snap.calls_changed():
+                raise PlanError(
+                    f"{type(model).__name__} cannot be pruned in place: its forward has literal "
+                    f"sizes that must change. Use sp.prune(...), which returns a model with the "
+                    f"rewritten graph.")
+        except BaseException:
+            snap.restore()
+            raise

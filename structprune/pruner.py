@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import allocate, importance as importance_mod
-from .apply import apply_plan
+from .apply import apply_plan, apply_plan_
 from .errors import PlanError
 from .graph.depgraph import DependencyGraph, resolve_ignore, trace
 from .graph.trace import ExampleInputs, check_model, normalize_inputs, paused_gc
@@ -208,6 +208,20 @@ class Pruner:
             self._graph = None
         return self.model
 
+    def step_(self) -> nn.Module:
+        """Plan the next step and apply it to the model itself (see :func:`prune_`)."""
+        if self.model is not self.original:
+            raise PlanError("this pruner already works on a pruned copy; use step()")
+        if self.steps_done >= self.config.iterative_steps:
+            raise PlanError(f"all {self.config.iterative_steps} steps are done")
+        with paused_gc():
+            plan = self.plan()
+            if not plan.is_empty:
+                apply_plan_(plan, self._inputs)
+                self._graph = None
+        self.steps_done += 1
+        return self.model
+
     def run(self) -> nn.Module:
         """Every remaining step; returns the final model (a copy if nothing was pruned)."""
         if self.steps_done >= self.config.iterative_steps:
@@ -234,13 +248,20 @@ def prune(model: nn.Module, example_inputs: ExampleInputs, ratio: float = 0.5,
 
 
 def prune_(model: nn.Module, example_inputs: ExampleInputs, **kwargs: Any) -> nn.Module:
-    """Prune ``model`` in place: its submodules and parameters are replaced by smaller ones.
+    """Prune ``model`` in place: its parameters and buffers are replaced by smaller ones and its
+    modules' attributes (``out_channels``, ...) updated; nothing is copied.
 
     Works when the model's own ``forward`` still runs on the smaller modules, i.e. no literal
     size in its code has to change (``x.view(B, 64, -1)``); otherwise raises :class:`PlanError`
-    before touching the model — use :func:`prune`, which returns a rewritten graph.
+    and leaves the model as it was -- use :func:`prune`, which returns a rewritten graph.
     """
-    pruned = prune(model, example_inputs, **kwargs)
+    pruner = Pruner(model, example_inputs, **kwargs)
+    if pruner.graph.graph_module.meta.get("structprune_capture") != "export":
+        while pruner.steps_done < pruner.config.iterative_steps:
+            pruner.step_()
+        return model
+    # A torch.export graph does not run the model's modules: prune a copy, move its tensors.
+    pruned = pruner.run()
     if not isinstance(pruned, fx.GraphModule):
         return model
     original_code = trace(model, example_inputs, rules=kwargs.get("rules"),
