@@ -3,8 +3,11 @@
 Times, in one process and on the same inputs:
 
 * ``structprune``  ``trace``  -- ``sp.trace(model, x)`` (trace + coupling into groups)
-* ``structprune``  ``full``   -- ``sp.prune(model, x, ratio, importance="l2", ignore=[classifier])``
-  (trace, couple, score, allocate, slice a copy; the input model is not modified)
+* ``structprune``  ``full``   -- ``sp.prune_(model, x, ratio, importance="l2", ignore=[classifier])``
+  (trace, couple, score, allocate, slice the model in place -- what Torch-Pruning does, so each
+  repeat gets a fresh ``copy.deepcopy``; the copy is not timed)
+* ``structprune``  ``copy``   -- the same with ``sp.prune`` (the input model is not modified; the
+  pruned copy is built inside the timing)
 * ``torch_pruning`` ``trace`` -- ``tp.DependencyGraph().build_dependency(model, example_inputs=x)``
 * ``torch_pruning`` ``full``  -- ``tp.pruner.BasePruner(model, x, MagnitudeImportance(p=2),
   pruning_ratio=ratio, ignored_layers=[classifier])`` construction + ``pruner.step()``
@@ -91,6 +94,10 @@ def sp_trace(model, x, ratio):
 
 
 def sp_full(model, x, ratio):
+    return sp.prune_(model, x, ratio=ratio, importance="l2", ignore=[classifier_of(model)])
+
+
+def sp_copy(model, x, ratio):
     return sp.prune(model, x, ratio=ratio, importance="l2", ignore=[classifier_of(model)])
 
 
@@ -107,15 +114,15 @@ def tp_full(model, x, ratio):
 
 
 TOOLS: dict[str, dict[str, Callable]] = {
-    "structprune": {"trace": sp_trace, "full": sp_full},
+    "structprune": {"trace": sp_trace, "full": sp_full, "copy": sp_copy},
     "torch_pruning": {"trace": tp_trace, "full": tp_full},
 }
-IN_PLACE = {"structprune": False, "torch_pruning": True}
+IN_PLACE = {("structprune", "full"), ("torch_pruning", "full")}
 
 
 def bench_model(tools: list[str], model: nn.Module, x, ratio: float, repeats: int) -> tuple:
     """Interleave (tool, phase) inside each repeat so background load hits every cell alike."""
-    cells = [(t, ph) for t in tools for ph in PHASES]
+    cells = [(t, ph) for t in tools for ph in TOOLS[t]]
     recs = {c: {"times_s": []} for c in cells}
     last: dict = {}
     for _ in range(repeats):
@@ -123,7 +130,7 @@ def bench_model(tools: list[str], model: nn.Module, x, ratio: float, repeats: in
             rec = recs[(tool, phase)]
             if "error" in rec:
                 continue
-            m = copy.deepcopy(model) if IN_PLACE[tool] else model  # copy excluded from timing
+            m = copy.deepcopy(model) if (tool, phase) in IN_PLACE else model  # copy not timed
             # TP's own API takes a single tensor for a single input.
             xin = x[0] if (tool == "torch_pruning" and len(x) == 1) else x
             fn = TOOLS[tool][phase]
@@ -163,8 +170,10 @@ def run(model_names: list[str], repeats: int, ratio: float) -> dict:
             "torch_pruning": getattr(tp, "__version__", None) if tp else None,
             "python": platform.python_version(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "note": "median wall seconds, tools interleaved per repeat; Torch-Pruning gets a fresh deepcopy per repeat "
-                    "(untimed); structprune does not mutate its input",
+            "note": "median wall seconds, tools interleaved per repeat; the in-place runs "
+                    "(structprune full = sp.prune_, Torch-Pruning full) get a fresh deepcopy per "
+                    "repeat (untimed); structprune copy = sp.prune, which does not mutate its "
+                    "input and builds the pruned copy inside the timing",
         },
         "models": {},
     }
@@ -180,7 +189,7 @@ def run(model_names: list[str], repeats: int, ratio: float) -> dict:
         recs, last = bench_model(tools, model, x, ratio, repeats)
         for tool in tools:
             trec: dict[str, Any] = {}
-            for phase in PHASES:
+            for phase in TOOLS[tool]:
                 r = trec[phase] = recs[(tool, phase)]
                 med = (f"median {r['median_s']:.3f}s  min {r['min_s']:.3f}s"
                        if r["median_s"] is not None else "ERROR")
@@ -188,17 +197,18 @@ def run(model_names: list[str], repeats: int, ratio: float) -> dict:
                 if "error" in r:
                     print("    " + r["error"].replace("\n", "\n    "), flush=True)
             trec["pruned"] = sanity(last.get((tool, "full")), x, ref_shape)
+            if "copy" in TOOLS[tool]:
+                trec["pruned_copy"] = sanity(last.get((tool, "copy")), x, ref_shape)
             rec["tools"][tool] = trec
         del last
         if n_params(model) != p0:
             rec["warning"] = "structprune mutated the input model's parameter count"
         if "torch_pruning" in rec["tools"]:
-            rec["ratio_sp_over_tp"] = {
-                ph: (rec["tools"]["structprune"][ph]["median_s"]
-                     / rec["tools"]["torch_pruning"][ph]["median_s"])
-                if rec["tools"]["structprune"][ph]["median_s"]
-                and rec["tools"]["torch_pruning"][ph]["median_s"] else None
-                for ph in PHASES}
+            ours, theirs = rec["tools"]["structprune"], rec["tools"]["torch_pruning"]
+            rec["ratio_sp_over_tp"] = {  # "copy" is compared with Torch-Pruning's (in-place) full
+                ph: (ours[ph]["median_s"] / theirs[tp_ph]["median_s"])
+                if ours[ph]["median_s"] and theirs[tp_ph]["median_s"] else None
+                for ph, tp_ph in (("trace", "trace"), ("full", "full"), ("copy", "full"))}
         results["models"][name] = rec
     # "linear in depth": structprune seconds per conv layer across the ResNets
     depth = {}
@@ -206,7 +216,7 @@ def run(model_names: list[str], repeats: int, ratio: float) -> dict:
         if name.startswith("resnet"):
             s = rec["tools"]["structprune"]
             depth[name] = {ph: (s[ph]["median_s"] / rec["convs"] * 1e3) if s[ph]["median_s"] else None
-                           for ph in PHASES}
+                           for ph in TOOLS["structprune"]}
             depth[name]["convs"] = rec["convs"]
     results["ms_per_conv_structprune"] = depth
     return results
@@ -220,8 +230,8 @@ def print_table(res: dict) -> None:
     print("\nMedian wall time (s), ratio = structprune / torch_pruning "
           f"(repeats={res['meta']['repeats']}, ratio={res['meta']['ratio']})")
     hdr = (f"{'model':12s} {'sp trace':>9s} {'tp trace':>9s} {'x':>6s} "
-           f"{'sp full':>9s} {'tp full':>9s} {'x':>6s}  {'params':>8s} {'sp pruned':>10s} "
-           f"{'tp pruned':>10s}")
+           f"{'sp full':>9s} {'tp full':>9s} {'x':>6s} {'sp copy':>9s} {'x':>6s}  {'params':>8s} "
+           f"{'sp pruned':>10s} {'tp pruned':>10s}")
     print(hdr)
     print("-" * len(hdr))
     for name, rec in res["models"].items():
@@ -233,22 +243,26 @@ def print_table(res: dict) -> None:
         print(f"{name:12s} {fmt(s['trace']['median_s']):>9s} "
               f"{fmt(t.get('trace', {}).get('median_s')):>9s} {fmt(r.get('trace'), '.2f'):>6s} "
               f"{fmt(s['full']['median_s']):>9s} {fmt(t.get('full', {}).get('median_s')):>9s} "
-              f"{fmt(r.get('full'), '.2f'):>6s}  {rec['params'] / 1e6:7.2f}M "
+              f"{fmt(r.get('full'), '.2f'):>6s} {fmt(s['copy']['median_s']):>9s} "
+              f"{fmt(r.get('copy'), '.2f'):>6s}  {rec['params'] / 1e6:7.2f}M "
               f"{fmt(sp_p and sp_p / 1e6, '.2f') + 'M':>10s} "
               f"{fmt(tp_p and tp_p / 1e6, '.2f') + 'M':>10s}")
+    print("(full: both in place on an untimed copy; sp copy: sp.prune, input untouched, "
+          "x vs. Torch-Pruning's full)")
     for name, rec in res["models"].items():
         for tool, trec in rec["tools"].items():
-            p = trec.get("pruned", {})
-            if not p.get("ok"):
-                print(f"  ! {name}/{tool}: pruned model sanity check failed: "
-                      f"{p.get('error', p)}")
+            for key in ("pruned", "pruned_copy"):
+                p = trec.get(key)
+                if p is not None and not p.get("ok"):
+                    print(f"  ! {name}/{tool}/{key}: pruned model sanity check failed: "
+                          f"{p.get('error', p)}")
         if rec.get("warning"):
             print(f"  ! {name}: {rec['warning']}")
     if res["ms_per_conv_structprune"]:
         print("\nstructprune ms per conv layer (flat => linear in depth)")
         for name, d in res["ms_per_conv_structprune"].items():
             print(f"  {name:10s} convs={d['convs']:3d}  trace {fmt(d['trace'], '.2f')} ms/conv  "
-                  f"full {fmt(d['full'], '.2f')} ms/conv")
+                  f"full {fmt(d['full'], '.2f')} ms/conv  copy {fmt(d['copy'], '.2f')} ms/conv")
 
 
 def plot(res: dict, path: Path) -> str | None:
@@ -260,12 +274,16 @@ def plot(res: dict, path: Path) -> str | None:
         return "matplotlib not installed; plot skipped"
     names = list(res["models"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    w = 0.38
+    bars = {"trace": [("structprune", "trace"), ("torch_pruning", "trace")],
+            "full": [("structprune", "full"), ("structprune", "copy"), ("torch_pruning", "full")]}
     for ax, phase in zip(axes, PHASES):
-        for i, tool in enumerate(("structprune", "torch_pruning")):
-            vals = [res["models"][n]["tools"].get(tool, {}).get(phase, {}).get("median_s") or 0
+        w = 0.8 / len(bars[phase])
+        for i, (tool, ph) in enumerate(bars[phase]):
+            vals = [res["models"][n]["tools"].get(tool, {}).get(ph, {}).get("median_s") or 0
                     for n in names]
-            ax.bar([k + (i - 0.5) * w for k in range(len(names))], vals, w, label=tool)
+            label = tool if ph in ("trace", "full") else f"{tool} (copy)"
+            ax.bar([k + (i - (len(bars[phase]) - 1) / 2) * w for k in range(len(names))], vals, w,
+                   label=label)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names)
         ax.set_ylabel("median wall time (s)")

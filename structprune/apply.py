@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .errors import PlanError, UnsupportedOpError
 from .graph.coupling import Space
-from .graph.trace import ShapeInterpreter, paused_gc, placeholder_values, plain_module
+from .graph.trace import ShapeInterpreter, placeholder_values, plain_module
 from .plan import Plan
 from .scratch import scratch_space, temporary
 
@@ -232,7 +232,7 @@ class _Applier(ShapeInterpreter):
 
 def apply_plan(plan: Plan, example_inputs: tuple[tuple, dict]) -> fx.GraphModule:
     """A new, sliced copy of ``plan.graph.graph_module``; the traced model is not touched."""
-    with paused_gc(), scratch_space():
+    with scratch_space():
         return _apply_plan(plan, example_inputs)
 
 
@@ -337,7 +337,7 @@ def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict]) -> None:
     if gm.meta.get("structprune_capture") == "export":
         raise PlanError(f"{type(model).__name__} was captured by torch.export, whose graph does "
                         f"not run the model's own modules; prune it with sp.prune(...)")
-    with paused_gc(), scratch_space():
+    with scratch_space():
         dropped = plan.dropped_indices()
         snap = _Snapshot([model, gm], gm.graph)
         try:

@@ -16,7 +16,7 @@ from . import allocate, importance as importance_mod
 from .apply import apply_plan, apply_plan_
 from .errors import PlanError
 from .graph.depgraph import DependencyGraph, resolve_ignore, trace
-from .graph.trace import ExampleInputs, check_model, normalize_inputs, paused_gc
+from .graph.trace import ExampleInputs, check_model, normalize_inputs
 from .scratch import scratch_space
 from .plan import Plan, count_macs
 
@@ -200,8 +200,7 @@ class Pruner:
         """Plan and apply the next step; the pruner continues from the result."""
         if self.steps_done >= self.config.iterative_steps:
             raise PlanError(f"all {self.config.iterative_steps} steps are done")
-        with paused_gc():
-            pruned = self.apply(self.plan())
+        pruned = self.apply(self.plan())
         self.steps_done += 1
         if pruned is not self.model:
             self.model = pruned
@@ -214,11 +213,10 @@ class Pruner:
             raise PlanError("this pruner already works on a pruned copy; use step()")
         if self.steps_done >= self.config.iterative_steps:
             raise PlanError(f"all {self.config.iterative_steps} steps are done")
-        with paused_gc():
-            plan = self.plan()
-            if not plan.is_empty:
-                apply_plan_(plan, self._inputs)
-                self._graph = None
+        plan = self.plan()
+        if not plan.is_empty:
+            apply_plan_(plan, self._inputs)
+            self._graph = None
         self.steps_done += 1
         return self.model
 

@@ -19,8 +19,7 @@ from ..ops.registry import (CoupleContext, Frozen, OpRule, RuleKey, describe, lo
                             tensor_shapes)
 from .coupling import Choice, Couple, Freeze, Record, Role, Solution, Space, SpaceTable, solve
 from .group import Group, build_groups
-from .trace import (ExampleInputs, capture, check_model, normalize_inputs, paused_gc,
-                    record_shapes)
+from .trace import ExampleInputs, capture, check_model, normalize_inputs, record_shapes
 
 
 @dataclass(frozen=True)
@@ -93,12 +92,6 @@ class DependencyGraph:
     def __init__(self, model: nn.Module, example_inputs: ExampleInputs,
                  rules: Optional[dict[RuleKey, OpRule]] = None, leaf_modules: Iterable[Any] = (),
                  ignore: Iterable[nn.Module] = ()) -> None:
-        with paused_gc():
-            self._init(model, example_inputs, rules, leaf_modules, ignore)
-
-    def _init(self, model: nn.Module, example_inputs: ExampleInputs,
-              rules: Optional[dict[RuleKey, OpRule]], leaf_modules: Iterable[Any],
-              ignore: Iterable[nn.Module]) -> None:
         check_model(model)
         self.model = model
         self.rules = registry()

@@ -206,32 +206,6 @@ def test_merged_solve_groups_like_the_element_solve(name, monkeypatch):
         graph.solution.label)
 
 
-def test_gc_is_paused_only_while_building(monkeypatch):
-    import gc
-
-    seen = []
-    real = coupling.solve
-
-    def spy(*a, **k):
-        seen.append(gc.isenabled())
-        return real(*a, **k)
-
-    monkeypatch.setattr("structprune.graph.depgraph.solve", spy)
-    m = models.get("resnet20").eval()
-    assert gc.isenabled()
-    sp.trace(m, models.example_inputs("resnet20"))
-    assert seen == [False] and gc.isenabled()
-    gc.disable()  # a caller's own pause is left alone
-    try:
-        sp.trace(m, models.example_inputs("resnet20"))
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-    with pytest.raises(Exception):
-        sp.trace(m, torch.randn(1, 5, 32, 32))  # fails inside: the collector comes back
-    assert gc.isenabled()
-
-
 @pytest.mark.parametrize("name", ["densenet", "vit"])
 def test_units_matrix_equals_member_by_member(name):
     from structprune.importance.base import lp_per_index, tensor_of, to_units, units_matrix
