@@ -281,7 +281,7 @@ def plot(res: dict, path: Path) -> str | None:
         for i, (tool, ph) in enumerate(bars[phase]):
             vals = [res["models"][n]["tools"].get(tool, {}).get(ph, {}).get("median_s") or 0
                     for n in names]
-            label = tool if ph in ("trace", "full") else f"{tool} (copy)"
+            label = {"copy": f"{tool} (copy)", "full": f"{tool} (in place)"}.get(ph, tool)
             ax.bar([k + (i - (len(bars[phase]) - 1) / 2) * w for k in range(len(names))], vals, w,
                    label=label)
         ax.set_xticks(range(len(names)))
