@@ -60,9 +60,11 @@ class Pruner:
         run()  +-- step() x iterative_steps
                      +-- plan()    trace -> score every group -> allocate -> Plan
                      +-- apply()   slice a copy of the traced model -> smaller GraphModule
+        step_()    plan() and slice the model itself (what :func:`prune_` runs)
 
     Args:
-        model: the model to prune; it is never modified (``apply`` works on a copy).
+        model: the model to prune; ``plan``/``apply``/``step``/``run`` never modify it
+            (``apply`` works on a copy), ``step_`` prunes it in place.
         example_inputs: a tensor, tuple or dict the model runs on.
         ratio: fraction of each group's units to remove, in ``[0, 1)``. (default: ``0.5``)
         importance: a name (``"l2"``, ``"l1"``, ``"random"``, ``"bn_scale"``, ``"taylor"``,
