@@ -426,3 +426,55 @@ def test_slice_after_ellipsis_is_rewritten():
     k = _kept(8, {0, 3})
     y = F.linear(x, model.a.weight[k], model.a.bias[k])[..., 1:4]  # 2:6 minus 0 before, 3 inside
     torch.testing.assert_close(pruned(x), F.linear(y, model.b.weight[:, [0, 2, 3]], model.b.bias))
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt-style: LayerNorm over the channels of a channels-last tensor, then an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.LayerNorm(6)
+        self.up, self.down = nn.Linear(6, 12), nn.Linear(12, 6)
+
+    def forward(self, x):
+        h = self.conv(x).permute(0, 2, 3, 1)
+        return h + self.down(F.gelu(self.up(self.norm(h))))
+
+
+def test_layer_norm_keeps_its_dim_and_the_mlp_hidden_width_goes():
+    model = f64(ChannelsLastBlock())
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    graph = sp.trace(model, x)
+    assert any("LayerNorm" in e.reason for e in graph.frozen())  # the channels stay
+    pruned = assert_rule(model, x, drop={"up": [1, 7, 8]})
+    k = _kept(12, {1, 7, 8})
+    h = F.conv2d(x, model.conv.weight, model.conv.bias, padding=1).permute(0, 2, 3, 1)
+    n = F.layer_norm(h, (6,), model.norm.weight, model.norm.bias, model.norm.eps)
+    y = F.linear(F.gelu(F.linear(n, model.up.weight[k], model.up.bias[k])),
+                 model.down.weight[:, k], model.down.bias)
+    torch.testing.assert_close(pruned(x), h + y)
+    assert pruned.get_submodule("norm").normalized_shape == (6,)
+
+
+class SizeQueries(nn.Module):
+    """Sizes read from the tensor (``x.size(0)``, ``x.shape[1]``, ``x.dim()``) follow pruning."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8 * 9, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc(h.reshape(h.size(0), h.shape[1] * (h.dim() + 5), -1).flatten(1))
+
+
+def test_shape_queries_read_the_pruned_sizes():
+    model = f64(SizeQueries())
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"conv": [2, 5]})
+    k = _kept(8, {2, 5})
+    h = F.conv2d(x, model.conv.weight[k], model.conv.bias[k])  # [2, 6, 3, 3]
+    cols = torch.tensor([c * 9 + j for c in k.tolist() for j in range(9)])
+    want = F.linear(h.flatten(1), model.fc.weight[:, cols], model.fc.bias)
+    torch.testing.assert_close(pruned(x), want)

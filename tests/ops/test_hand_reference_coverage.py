@@ -1,0 +1,55 @@
+"""Every registered op rule is exercised by at least one hand-built reference.
+
+Runs every test of the two hand-reference modules in this process (parametrisations expanded)
+while recording the rule of every node of every graph traced, then compares the rule classes
+seen with the registry. ``test_rule_table.py`` does the same for the generic oracle cases.
+"""
+import inspect
+import itertools
+
+import pytest
+
+from structprune.graph import depgraph
+from structprune.ops.registry import Frozen, registry
+
+from . import test_hand_references, test_hand_references_aten
+
+
+def _calls(module):
+    """``(test function, kwargs)`` for every test of ``module``, parametrisations expanded."""
+    for name, fn in inspect.getmembers(module, inspect.isfunction):
+        if not name.startswith("test_") or fn.__module__ != module.__name__:
+            continue
+        grids = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+        axes = []
+        for m in grids:
+            names = [n.strip() for n in m.args[0].split(",")] if isinstance(m.args[0], str) \
+                else list(m.args[0])
+            values = [v if len(names) > 1 else (v,) for v in m.args[1]]
+            axes.append([dict(zip(names, v)) for v in values])
+        for combo in itertools.product(*axes) if axes else [()]:
+            kwargs = {}
+            for part in combo:
+                kwargs.update(part)
+            yield fn, kwargs
+
+
+def test_every_rule_has_a_hand_built_reference(monkeypatch):
+    seen: set[type] = set()
+    real_init = depgraph.DependencyGraph.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.update(type(r) for r in self.node_rules.values() if not isinstance(r, Frozen))
+
+    monkeypatch.setattr(depgraph.DependencyGraph, "__init__", recording_init)
+    ran = 0
+    for module in (test_hand_references, test_hand_references_aten):
+        for fn, kwargs in _calls(module):
+            fn(**kwargs)
+            ran += 1
+    assert ran >= 30
+    registered = {type(r) for r in registry().values()}
+    missing = sorted(c.__name__ for c in registered - seen)
+    if missing:
+        pytest.fail(f"rules without a hand-built reference: {missing}")
