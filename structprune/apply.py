@@ -76,8 +76,14 @@ def copy_sliced(gm: fx.GraphModule, dropped: dict[Space, np.ndarray]) -> fx.Grap
     named = _tensors_by_name(gm)
     for qual, t in sliced_tensors(gm, dropped).items():
         memo[id(named[qual] if qual in named else getattr(*_owner(gm, qual)))] = t
-    for t in named.values():
-        if id(t) not in memo and _plain_tensor(t):
+    tensors = {id(t): t for t in named.values()}
+    storages: dict[int, int] = {}  # tensors per storage: views must keep sharing (deepcopy)
+    for t in tensors.values():
+        storages[t.untyped_storage().data_ptr()] = storages.get(
+            t.untyped_storage().data_ptr(), 0) + 1
+    for t in tensors.values():
+        if (id(t) not in memo and _plain_tensor(t)
+                and storages[t.untyped_storage().data_ptr()] == 1):
             memo[id(t)] = _clone(t)
     for m in gm.modules():
         if m is not gm:
@@ -96,12 +102,18 @@ def _atomic(v: Any) -> bool:
 
 
 def _plain_tensor(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, nn.Parameter) and not t.__dict__
+    """A leaf tensor that ``clone`` copies exactly as ``deepcopy`` would: no subclass or extra
+    attributes, contiguous, the whole of its storage."""
+    return (type(t) in (torch.Tensor, nn.Parameter) and not t.__dict__ and t.grad_fn is None
+            and t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
 def _clone(t: torch.Tensor) -> torch.Tensor:
     c = t.detach().clone()
-    return nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(c, requires_grad=t.requires_grad)
+    return c.requires_grad_(t.requires_grad)
 
 
 def _copy_module(m: nn.Module, memo: dict[int, Any]) -> Any:
@@ -129,7 +141,7 @@ def _copy_module(m: nn.Module, memo: dict[int, Any]) -> Any:
         elif k in ("_parameters", "_buffers") and type(v) in (dict, OrderedDict):
             state[k] = type(v)((n, memo[id(t)] if id(t) in memo else copy.deepcopy(t, memo))
                                for n, t in v.items())
-        elif type(v) in (dict, OrderedDict, set) and not v:
+        elif k.startswith("_") and type(v) in (dict, OrderedDict, set) and not v:  # hooks
             state[k] = type(v)()
         else:
             state[k] = copy.deepcopy(v, memo)
@@ -282,18 +294,18 @@ def _calls_changed(before: list[tuple[fx.Node, Any, Any, Any]]) -> bool:
                for n, t, a, k in before)
 
 
-class _Snapshot:
+class Snapshot:
     """What in-place slicing may change, saved so that a failure leaves everything as it was:
     every module's attributes, parameters and buffers, and every node's call."""
 
-    def __init__(self, roots: list[nn.Module], graph: fx.Graph) -> None:
+    def __init__(self, roots: list[nn.Module], graph: Optional[fx.Graph] = None) -> None:
         seen: dict[int, nn.Module] = {}
         for root in roots:
             for m in root.modules():
                 seen.setdefault(id(m), m)
         self.modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers))
                         for m in seen.values()]
-        self.nodes = [(n, n.target, n.args, n.kwargs) for n in graph.nodes]
+        self.nodes = [(n, n.target, n.args, n.kwargs) for n in (graph.nodes if graph else ())]
 
     def calls_changed(self) -> bool:
         return _calls_changed(self.nodes)
@@ -339,20 +351,25 @@ def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict]) -> None:
                         f"not run the model's own modules; prune it with sp.prune(...)")
     with scratch_space():
         dropped = plan.dropped_indices()
-        snap = _Snapshot([model, gm], gm.graph)
+        snap = Snapshot([model, gm], gm.graph)
         try:
             named = _tensors_by_name(gm)
             by_id: dict[int, torch.Tensor] = {}  # old tensor -> its sliced replacement
             quals = []
             for qual, new in sliced_tensors(gm, dropped).items():
+                if qual.rpartition(".")[2].startswith("_tensor_constant"):
+                    raise PlanError(
+                        f"{type(model).__name__} cannot be pruned in place: it reads a tensor "
+                        f"that is not a parameter, buffer or attribute of a module (fx lifted it "
+                        f"as '{qual}'), which would keep its old size. Register it as a buffer, "
+                        f"or use sp.prune(...).")
                 old = named[qual] if qual in named else getattr(*_owner(gm, qual))
                 by_id.setdefault(id(old), new)
                 quals.append(qual)
-            # Every name a sliced tensor goes by (tied weights), in gm and in the model (gm may
-            # hold a tensor on a path-holder module of its own).
-            quals += [q for q, t in named.items() if id(t) in by_id]
+            # Every name a sliced tensor goes by (tied weights, also in modules fx traced
+            # through), in gm and in the model (gm may hold a tensor on a path-holder module).
             for root in (gm, model):
-                for qual in dict.fromkeys(quals):
+                for qual in dict.fromkeys(quals + list(_tensors_by_name(root))):
                     try:
                         owner, name = _owner(root, qual)
                     except AttributeError:

@@ -13,10 +13,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import allocate, importance as importance_mod
-from .apply import apply_plan, apply_plan_
+from .apply import Snapshot, apply_plan, apply_plan_
 from .errors import PlanError
 from .graph.depgraph import DependencyGraph, resolve_ignore, trace
 from .graph.trace import ExampleInputs, check_model, normalize_inputs
+from .importance.base import scoring_pass
 from .scratch import scratch_space
 from .plan import Plan, count_macs
 
@@ -142,7 +143,7 @@ class Pruner:
     def scores(self) -> dict[int, torch.Tensor]:
         """One score per unit for every group the importance can score."""
         out = {}
-        with scratch_space():
+        with scratch_space(), scoring_pass():
             groups = self.graph.groups()
             raw = [(g, self.importance(g, self.graph)) for g in groups]
         for g, s in raw:
@@ -257,8 +258,13 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, **kwargs: Any) -> nn
     """
     pruner = Pruner(model, example_inputs, **kwargs)
     if pruner.graph.graph_module.meta.get("structprune_capture") != "export":
-        while pruner.steps_done < pruner.config.iterative_steps:
-            pruner.step_()
+        snap = Snapshot([model])  # all steps or none
+        try:
+            while pruner.steps_done < pruner.config.iterative_steps:
+                pruner.step_()
+        except BaseException:
+            snap.restore()
+            raise
         return model
     # A torch.export graph does not run the model's modules: prune a copy, move its tensors.
     pruned = pruner.run()

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import models
 import structprune as sp
@@ -115,3 +116,81 @@ def test_uneven_chunks_are_refused_and_rolled_back():
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     torch.testing.assert_close(run(m, x), y)
     assert "split" in sp.prune(m, x, ratio=0.5).code
+
+
+class LiteralAfterSteps(nn.Module):
+    """Step 1 prunes only ``c1`` (in place is fine); a later step must change the literal in
+    ``view(.., 4 * 8 * 8)``, so in place is refused then -- and step 1 must be undone too."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = self.c2(torch.relu(self.c1(x)))
+        return self.fc(h.view(h.size(0), 4 * 8 * 8))
+
+
+def test_iterative_in_place_is_all_steps_or_none():
+    torch.manual_seed(0)
+    m = LiteralAfterSteps().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = {k: v for k, v in m.state_dict(keep_vars=True).items()}
+    with pytest.raises(sp.PlanError, match="cannot be pruned in place"):
+        sp.prune_(m, x, ratio=0.5, iterative_steps=4)
+    assert m.c1.out_channels == 64
+    assert all(v is before[k] for k, v in m.state_dict(keep_vars=True).items())
+
+
+class TracedHead(nn.Module):  # not a leaf: fx traces through it, so gm never names its weight
+    def __init__(self, w):
+        super().__init__()
+        self.weight = w
+
+    def forward(self, h):
+        return F.linear(h, self.weight)
+
+
+class TiedThroughTrace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = TracedHead(self.emb.weight)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(h + self.fc2(torch.relu(self.fc1(h))))
+
+
+def test_a_tie_through_a_traced_module_stays_tied():
+    torch.manual_seed(0)
+    m = TiedThroughTrace().double().eval()
+    ids = torch.randint(0, 10, (2, 5))
+    ref = sp.prune(m, ids, ratio=0.5)
+    sp.prune_(m, ids, ratio=0.5)
+    assert m.head.weight is m.emb.weight and m.emb.weight.shape[1] < 16
+    torch.testing.assert_close(run(m, ids), run(ref, ids))
+
+
+class ListHeldScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)
+        self.scales = [torch.rand(1, 16, 1, 1) + 0.5]  # not a buffer: fx lifts it as a constant
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x)) * self.scales[0])
+
+
+def test_a_lifted_tensor_constant_refuses_in_place():
+    torch.manual_seed(0)
+    m = ListHeldScale().eval()
+    x = torch.randn(2, 3, 8, 8)
+    y = run(m, x)
+    with pytest.raises(sp.PlanError, match="not a parameter, buffer"):
+        sp.prune_(m, x, ratio=0.5)
+    assert m.c1.out_channels == 16 and m.scales[0].shape[1] == 16
+    torch.testing.assert_close(run(m, x), y)
+    assert run(sp.prune(m, x, ratio=0.5), x).shape == y.shape  # the copy carries its own slice

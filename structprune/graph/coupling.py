@@ -105,12 +105,13 @@ class SpaceTable:
         self._classes: Optional[list[list[Space]]] = None
 
     def add(self, space: Space, n: int) -> None:
+        if self._classes is not None:
+            raise RuntimeError("SpaceTable.add after merge(): build a new table")
         if space not in self.offset:
             self.offset[space] = self.total
             self.size[space] = n
             self.order.append(space)
             self.total += n
-            self._classes = None
 
     def __contains__(self, space: Space) -> bool:
         return space in self.offset
@@ -239,9 +240,14 @@ def solve(table: SpaceTable, records: list[Record]) -> Solution:
         label, frozen = _components(table.total, pa, pb)
         return Solution(label, frozen, reasons)
     label, frozen = _components(table.total, pa, pb)
+
+    def key_frozen(key: Space, lab: np.ndarray, fz: int) -> bool:
+        """A choice's key space is frozen (an empty space has nothing to freeze)."""
+        return key in table and table.size[key] > 0 and lab[table.offset[key]] == fz
+
     for c in choices:
         free = [k for k, (key, _) in enumerate(c.options)
-                if key in table and label[table.offset[key]] != frozen]
+                if key in table and not key_frozen(key, label, frozen)]
         c.chosen = free[0] if free else 0
     option_edges: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     option_reasons: dict[Space, str] = {}
@@ -264,8 +270,7 @@ def solve(table: SpaceTable, records: list[Record]) -> Solution:
 
     def stuck(lab: np.ndarray, fz: int) -> list[int]:
         return [i for i, c in enumerate(choices) if len(c.options) > 1
-                and c.options[c.chosen][0] in table
-                and lab[table.offset[c.options[c.chosen][0]]] == fz]
+                and key_frozen(c.options[c.chosen][0], lab, fz)]
 
     best = None
     for _ in range(2 * max(len(c.options) for c in choices) + 1):

@@ -85,7 +85,9 @@ class DependencyGraph:
         model: the model that was traced (not copied).
         graph_module: the traced ``fx.GraphModule``; it shares the model's submodules (or, when
             the model was captured by ``torch.export``, its parameter and buffer tensors). Node
-            names are stable: tracing the same model twice gives the same names.
+            names are stable: tracing the same model twice gives the same names. It generates
+            its Python code lazily (``torch.fx``'s lazy GraphModule): calling it works, but for
+            TorchScript make it plain first (``structprune.graph.trace.plain_module``).
         shapes: output shape of every tensor node (a list for tuple outputs).
     """
 

@@ -8,8 +8,11 @@ can compare groups.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Hashable, Literal, Optional, Protocol, Union, runtime_checkable
+import threading
+from typing import (Callable, Hashable, Iterator, Literal, Optional, Protocol, Union,
+                    runtime_checkable)
 
 import torch
 
@@ -66,23 +69,38 @@ def lp_per_index(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     return a.reshape(n, -1).sum(1).double().cpu()
 
 
+_PASS = threading.local()
+
+
+@contextlib.contextmanager
+def scoring_pass() -> Iterator[None]:
+    """Memoise per-index values for the duration of one scoring pass (see
+    :func:`cached_per_index`); weights and gradients may change between passes."""
+    outer = getattr(_PASS, "cache", None)
+    _PASS.cache = {}
+    try:
+        yield
+    finally:
+        _PASS.cache = outer
+
+
 def cached_per_index(graph: object, member: Member, key: Hashable,
                      fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
-    """``fn(tensor, dim)`` for a member's tensor, memoised on the graph.
+    """``fn(tensor, dim)`` for a member's tensor, computed once per scoring pass.
 
     One tensor dim is often a member of many groups (in a DenseNet, a conv's input channels
-    are split over every earlier layer's group), so per-index values are computed once per
-    ``(tensor, dim, key)`` and reused while the tensor and its gradient are unchanged (their
-    identities and in-place version counters are part of the cache key).
+    are split over every earlier layer's group), so inside :func:`scoring_pass` per-index values
+    are computed once per ``(tensor, dim, key)``. Nothing is kept across passes: in-place writes
+    through ``.data`` are invisible to version counters, and gradient tensors are recycled.
     """
     t = tensor_of(graph, member)
-    g = t.grad
-    stamp = (id(t), t._version, None if g is None else (id(g), g._version))
-    cache = graph.__dict__.setdefault("_per_index_cache", {})  # type: ignore[attr-defined]
-    k = (member.qualname, member.dim, key)
+    cache = getattr(_PASS, "cache", None)
+    if cache is None:
+        return fn(t, member.dim)
+    k = (id(t), member.dim, key)
     hit = cache.get(k)
-    if hit is None or hit[0] != stamp:
-        hit = cache[k] = (stamp, fn(t, member.dim))
+    if hit is None:
+        hit = cache[k] = (t, fn(t, member.dim))  # holds t: its id stays unique in the pass
     return hit[1]
 
 

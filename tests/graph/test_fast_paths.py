@@ -272,3 +272,38 @@ def test_pruned_tensors_own_their_memory(name):
         assert ptr not in storages, f"{key} shares memory with {storages[ptr]}"
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), key
         storages[ptr] = key
+
+
+def test_choice_keyed_on_an_empty_space_and_add_after_merge():
+    from structprune.graph.coupling import Choice, Couple, Space, SpaceTable, solve
+
+    t = SpaceTable()
+    a, z, b = Space("a", 0), Space("z", 0), Space("b", 0)
+    for s, n in ((a, 2), (z, 0), (b, 2)):
+        t.add(s, n)
+    sol = solve(t, [Couple(a, b), Choice([(z, []), (a, [])])])
+    assert not sol.is_frozen(t.ids(a, None)).any()
+    with pytest.raises(RuntimeError, match="after merge"):
+        t.add(Space("c", 0), 1)
+
+
+class Views(nn.Module):
+    def __init__(self):
+        super().__init__()
+        base = torch.zeros(8)
+        self.register_buffer("a", base[:4])
+        self.register_buffer("b", base[2:6])  # overlaps a
+        self.register_buffer("s", torch.ones(4, requires_grad=True))
+        self.register_buffer("e", torch.ones(1).expand(4))  # stride 0
+
+    def forward(self, x):
+        return x + self.a + self.b + self.s + self.e
+
+
+def test_copy_keeps_buffer_views_strides_and_requires_grad():
+    gm = torch.fx.symbolic_trace(Views())
+    for t in (copy.deepcopy(gm), copy_sliced(gm, {})):
+        t.a.add_(1)
+        assert t.b.tolist() == [1.0, 1.0, 0.0, 0.0]
+        assert t.s.requires_grad and t.e.stride() == (0,)
+        assert gm.a.tolist() == [0.0] * 4
