@@ -1,4 +1,4 @@
-"""Scratch memory for one pass: reuse a temporary buffer instead of allocating per tensor.
+"""Memory that lives for one pass: scratch buffers, and the pass-scoped tables behind them.
 
 Temporaries as large as a weight (its square while scoring, a half-sliced copy while slicing)
 cost more in fresh pages than in arithmetic when they are allocated anew for every tensor.
@@ -10,27 +10,36 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-_SCRATCH = threading.local()
+
+class PassLocal(threading.local):
+    """A dict that exists only inside ``with slot.scope():`` (per thread, nestable)."""
+
+    table: Optional[dict] = None
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[dict]:
+        outer, self.table = self.table, {}
+        try:
+            yield self.table
+        finally:
+            self.table = outer
 
 
-@contextlib.contextmanager
-def scratch_space() -> Iterator[None]:
+_SCRATCH = PassLocal()
+
+
+def scratch_space() -> contextlib.AbstractContextManager:
     """Let the temporaries of one pass share one buffer per dtype and device."""
-    outer = getattr(_SCRATCH, "pool", None)
-    _SCRATCH.pool = {}
-    try:
-        yield
-    finally:
-        _SCRATCH.pool = outer
+    return _SCRATCH.scope()
 
 
 def temporary(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised contiguous tensor of ``shape``, from the pass's scratch space."""
-    pool = getattr(_SCRATCH, "pool", None)
+    pool = _SCRATCH.table
     if pool is None:
         return torch.empty(tuple(shape), dtype=dtype, device=device)
     n = math.prod(shape)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
-from typing import (Callable, Hashable, Iterator, Literal, Optional, Protocol, Union,
-                    runtime_checkable)
+from typing import Callable, Hashable, Literal, Optional, Protocol, Union, runtime_checkable
 
 import torch
 
 from ..graph.group import Group, Member
-from ..scratch import temporary
+from ..scratch import PassLocal, temporary
 
 Reduction = Literal["sum", "mean", "max", "first"]
 Normalizer = Optional[Literal["mean", "max", "sum", "standardization", "lamp"]]
@@ -69,19 +67,13 @@ def lp_per_index(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     return a.reshape(n, -1).sum(1).double().cpu()
 
 
-_PASS = threading.local()
+_PASS = PassLocal()
 
 
-@contextlib.contextmanager
-def scoring_pass() -> Iterator[None]:
+def scoring_pass() -> contextlib.AbstractContextManager:
     """Memoise per-index values for the duration of one scoring pass (see
     :func:`cached_per_index`); weights and gradients may change between passes."""
-    outer = getattr(_PASS, "cache", None)
-    _PASS.cache = {}
-    try:
-        yield
-    finally:
-        _PASS.cache = outer
+    return _PASS.scope()
 
 
 def cached_per_index(graph: object, member: Member, key: Hashable,
@@ -94,7 +86,7 @@ def cached_per_index(graph: object, member: Member, key: Hashable,
     through ``.data`` are invisible to version counters, and gradient tensors are recycled.
     """
     t = tensor_of(graph, member)
-    cache = getattr(_PASS, "cache", None)
+    cache = _PASS.table
     if cache is None:
         return fn(t, member.dim)
     k = (id(t), member.dim, key)
