@@ -12,13 +12,16 @@
 
 # %%
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
-import models
-import structprune as sp
-from structprune.testing import masked_output, max_rel_diff
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's models/
+import models  # noqa: E402
+import structprune as sp  # noqa: E402
+from structprune.testing import masked_output, max_rel_diff  # noqa: E402
 
 tiny = os.environ.get("SP_TINY") == "1"
 torch.manual_seed(0)
