@@ -77,10 +77,10 @@ def n_convs(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     gc.collect()
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     return time.perf_counter() - t0, out
 
 
@@ -136,7 +136,7 @@ def bench_model(tools: list[str], model: nn.Module, x, ratio: float, repeats: in
             xin = x[0] if (tool == "torch_pruning" and len(x) == 1) else x
             fn = TOOLS[tool][phase]
             try:
-                t, out = timed(lambda: fn(m, xin, ratio))
+                t, out = timed(fn, m, xin, ratio)
             except Exception as exc:  # report, keep going
                 rec["error"] = tail(exc)
                 continue

@@ -6,7 +6,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import structprune as sp
 from structprune.testing import Pruner, assert_oracle, assert_zero_ratio_identity, randomize_
 
 HW = 6

@@ -39,13 +39,6 @@ def tensor_of(graph: object, member: Member) -> torch.Tensor:
     return getattr(owner, name)
 
 
-def per_index(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Apply ``fn`` element-wise and sum over every dim but ``dim``: ``[t.shape[dim]]``."""
-    v = fn(t.detach())
-    others = [d for d in range(t.dim()) if d != dim]
-    return (v.sum(others, dtype=torch.float64) if others else v.double()).cpu()
-
-
 def lp_per_index(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     """``sum |t|^p`` over every dim but ``dim``: ``[t.shape[dim]]``, in at most two sweeps.
 
