@@ -36,8 +36,10 @@ def _tensors_by_name(root: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def sliced_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]) -> dict[str, torch.Tensor]:
-    """New tensors for every parameter, buffer or tensor attribute of ``root`` that loses indices."""
+def sliced_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{qualified name: (old tensor, new sliced tensor)}`` for every parameter, buffer or
+    tensor attribute of ``root`` that loses indices."""
     by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
     for s, idx in dropped.items():
         if s.is_param and len(idx):
@@ -60,8 +62,8 @@ def sliced_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]) -> dict[st
             else:
                 new = new.index_select(dim, keep)
         new = new.contiguous()
-        out[qual] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(
-            t, nn.Parameter) else new
+        out[qual] = (t, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(
+            t, nn.Parameter) else new)
     return out
 
 
@@ -72,11 +74,8 @@ def copy_sliced(gm: fx.GraphModule, dropped: dict[Space, np.ndarray]) -> fx.Grap
     ``deepcopy`` through its memo, so each weight is copied once (sliced or whole, never copied
     and then sliced) and the module tree costs little more than its dictionaries.
     """
-    memo: dict[int, Any] = {}
-    named = _tensors_by_name(gm)
-    for qual, t in sliced_tensors(gm, dropped).items():
-        memo[id(named[qual] if qual in named else getattr(*_owner(gm, qual)))] = t
-    tensors = {id(t): t for t in named.values()}
+    memo: dict[int, Any] = {id(old): new for old, new in sliced_tensors(gm, dropped).values()}
+    tensors = {id(t): t for t in _tensors_by_name(gm).values()}
     storages: dict[int, int] = {}  # tensors per storage: views must keep sharing (deepcopy)
     for t in tensors.values():
         storages[t.untyped_storage().data_ptr()] = storages.get(
@@ -252,20 +251,38 @@ def _apply_plan(plan: Plan, example_inputs: tuple[tuple, dict]) -> fx.GraphModul
     graph = plan.graph
     dropped = plan.dropped_indices()
     target = copy_sliced(graph.graph_module, dropped)
-    args, kwargs = example_inputs
-    inputs = placeholder_values(target, args, kwargs)
-    before = [(n, n.target, n.args, n.kwargs) for n in target.graph.nodes]
-    try:  # updates are idempotent, so a failed meta run can be redone for real
-        _Applier(target, graph.node_rules, graph.shapes, dropped, meta=True).run_graph(inputs)
-    except UnsupportedOpError:
-        raise
-    except Exception:
-        _Applier(target, graph.node_rules, graph.shapes, dropped, meta=False).run_graph(inputs)
+    before = _calls(target.graph)
+    _update_and_check(target, plan, dropped, example_inputs)
     # Rules replace a node's args/kwargs/target to change them; when none did, the graph is a
     # copy of a valid one.
     if len(before) != len(target.graph.nodes) or _calls_changed(before):
         target.graph.lint()
     return plain_module(target)
+
+
+def _update_and_check(gm: fx.GraphModule, plan: Plan, dropped: dict[Space, np.ndarray],
+                      example_inputs: tuple[tuple, dict]) -> None:
+    """Run ``gm`` once, updating attributes and literals before each node and checking its new
+    shape after it: on the meta device, or for real where a meta kernel is missing (updates are
+    idempotent, so a failed meta run can be redone)."""
+    graph = plan.graph
+    inputs = placeholder_values(gm, *example_inputs)
+    try:
+        _Applier(gm, graph.node_rules, graph.shapes, dropped, meta=True).run_graph(inputs)
+    except UnsupportedOpError:
+        raise
+    except Exception:
+        _Applier(gm, graph.node_rules, graph.shapes, dropped, meta=False).run_graph(inputs)
+
+
+def literal_sizes_error(model: nn.Module) -> PlanError:
+    return PlanError(f"{type(model).__name__} cannot be pruned in place: its forward has literal "
+                     f"sizes that must change. Use sp.prune(...), which returns a model with the "
+                     f"rewritten graph.")
+
+
+def _calls(graph: fx.Graph) -> list[tuple[fx.Node, Any, Any, Any]]:
+    return [(n, n.target, n.args, n.kwargs) for n in graph.nodes]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -305,7 +322,7 @@ class Snapshot:
                 seen.setdefault(id(m), m)
         self.modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers))
                         for m in seen.values()]
-        self.nodes = [(n, n.target, n.args, n.kwargs) for n in (graph.nodes if graph else ())]
+        self.nodes = _calls(graph) if graph is not None else []
 
     def calls_changed(self) -> bool:
         return _calls_changed(self.nodes)
@@ -327,13 +344,21 @@ class Snapshot:
                 n.kwargs = k
 
 
-def _put_tensor(owner: nn.Module, name: str, t: torch.Tensor) -> None:
-    if name in owner._parameters:
-        owner._parameters[name] = t
-    elif name in owner._buffers:
-        owner._buffers[name] = t
-    else:
-        setattr(owner, name, t)
+def _replace_tensors(root: nn.Module, by_id: dict[int, torch.Tensor], quals: list[str]) -> None:
+    """Put ``by_id[id(old)]`` wherever ``root`` holds ``old``: every parameter and buffer table
+    (so tied tensors stay tied) and the plain tensor attributes named ``quals``."""
+    for m in root.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if id(t) in by_id:
+                    table[name] = by_id[id(t)]
+    for qual in quals:
+        try:
+            owner, name = _owner(root, qual)
+        except AttributeError:
+            continue
+        if id(getattr(owner, name, None)) in by_id:
+            setattr(owner, name, by_id[id(getattr(owner, name))])
 
 
 def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict]) -> None:
@@ -353,42 +378,23 @@ def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict]) -> None:
         dropped = plan.dropped_indices()
         snap = Snapshot([model, gm], gm.graph)
         try:
-            named = _tensors_by_name(gm)
             by_id: dict[int, torch.Tensor] = {}  # old tensor -> its sliced replacement
-            quals = []
-            for qual, new in sliced_tensors(gm, dropped).items():
+            sliced = sliced_tensors(gm, dropped)
+            for qual, (old, new) in sliced.items():
                 if qual.rpartition(".")[2].startswith("_tensor_constant"):
                     raise PlanError(
                         f"{type(model).__name__} cannot be pruned in place: it reads a tensor "
                         f"that is not a parameter, buffer or attribute of a module (fx lifted it "
                         f"as '{qual}'), which would keep its old size. Register it as a buffer, "
                         f"or use sp.prune(...).")
-                old = named[qual] if qual in named else getattr(*_owner(gm, qual))
                 by_id.setdefault(id(old), new)
-                quals.append(qual)
-            # Every name a sliced tensor goes by (tied weights, also in modules fx traced
-            # through), in gm and in the model (gm may hold a tensor on a path-holder module).
+            # Every place a sliced tensor is held (tied weights, modules fx traced through), in
+            # gm and in the model (gm may hold a tensor on a path-holder module of its own).
             for root in (gm, model):
-                for qual in dict.fromkeys(quals + list(_tensors_by_name(root))):
-                    try:
-                        owner, name = _owner(root, qual)
-                    except AttributeError:
-                        continue
-                    old = getattr(owner, name, None)
-                    if id(old) in by_id:
-                        _put_tensor(owner, name, by_id[id(old)])
-            inputs = placeholder_values(gm, *example_inputs)
-            try:
-                _Applier(gm, graph.node_rules, graph.shapes, dropped, meta=True).run_graph(inputs)
-            except UnsupportedOpError:
-                raise
-            except Exception:
-                _Applier(gm, graph.node_rules, graph.shapes, dropped, meta=False).run_graph(inputs)
+                _replace_tensors(root, by_id, list(sliced))
+            _update_and_check(gm, plan, dropped, example_inputs)
             if snap.calls_changed():
-                raise PlanError(
-                    f"{type(model).__name__} cannot be pruned in place: its forward has literal "
-                    f"sizes that must change. Use sp.prune(...), which returns a model with the "
-                    f"rewritten graph.")
+                raise literal_sizes_error(model)
         except BaseException:
             snap.restore()
             raise

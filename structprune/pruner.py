@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import allocate, importance as importance_mod
-from .apply import Snapshot, apply_plan, apply_plan_
+from .apply import Snapshot, apply_plan, apply_plan_, literal_sizes_error
 from .errors import PlanError
 from .graph.depgraph import DependencyGraph, resolve_ignore, trace
 from .graph.trace import ExampleInputs, check_model, normalize_inputs
@@ -273,9 +273,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, **kwargs: Any) -> nn
     original_code = trace(model, example_inputs, rules=kwargs.get("rules"),
                           leaf_modules=kwargs.get("leaf_modules", ())).graph_module.code
     if pruned.code != original_code:
-        raise PlanError(f"{type(model).__name__} cannot be pruned in place: its forward has "
-                        f"literal sizes that must change. Use sp.prune(...), which returns a "
-                        f"model with the rewritten graph.")
+        raise literal_sizes_error(model)
     _transplant(model, pruned)
     return model
 

@@ -533,18 +533,14 @@ class ShapeInterpreter(fx.Interpreter):
         return functional_call(mod, tensors, args, kwargs)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if self.meta:
-            fast = _meta_elementwise(target, args, kwargs)
-            if fast is not None:
-                return fast
-        return super().call_function(target, args, kwargs)
+        return self._shortcut_or(super().call_function, target, args, kwargs)
 
     def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if self.meta:
-            fast = _meta_elementwise(target, args, kwargs)
-            if fast is not None:
-                return fast
-        return super().call_method(target, args, kwargs)
+        return self._shortcut_or(super().call_method, target, args, kwargs)
+
+    def _shortcut_or(self, call: Any, target: Any, args: Any, kwargs: Any) -> Any:
+        fast = _meta_elementwise(target, args, kwargs) if self.meta else None
+        return call(target, args, kwargs) if fast is None else fast
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         out = super().get_attr(target, args, kwargs)
