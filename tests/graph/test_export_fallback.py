@@ -15,6 +15,7 @@ import structprune as sp
 from structprune.graph.trace import capture
 from structprune.ops.registry import registry
 from structprune.testing import MaskedInterpreter, assert_rule, max_rel_diff, randomize_
+from tests.test_errors import Branchy
 
 
 class ResidualShapeIf(nn.Module):
@@ -128,23 +129,6 @@ class SDPAHeads(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
         return self.head(self.proj(out)[:, 0])
-
-
-class DataDependent(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.gate = Gate()
-
-    def forward(self, x):
-        return self.gate(self.conv(x))
-
-
-class Gate(nn.Module):
-    def forward(self, x):
-        if x.sum() > 0:  # data-dependent: neither fx nor export can capture this
-            return x
-        return -x
 
 
 def img(*shape):
@@ -262,12 +246,12 @@ def test_nested_inputs_keyword_inputs_and_dict_outputs():
 
 
 def test_neither_fx_nor_export_raises_naming_the_module():
-    model = DataDependent()
+    model = Branchy()  # branches on a tensor's value in module 'inner'
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(sp.TraceError) as info:
         sp.prune(model, torch.randn(2, 3, 9, 9), ratio=0.5)
     msg = str(info.value)
-    assert "module 'gate'" in msg and "if x.sum() > 0" in msg and "leaf_modules" in msg
+    assert "module 'inner'" in msg and "if x.sum() > 0" in msg and "leaf_modules" in msg
     assert "torch.export fallback failed" in msg
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
