@@ -4,6 +4,7 @@ from .graph.depgraph import DependencyGraph as DependencyGraph, trace as trace
 from .graph.group import Group as Group, Member as Member, Unit as Unit
 from .errors import (ModelError as ModelError, PlanError as PlanError,
                      StructpruneError as StructpruneError, StructpruneWarning as StructpruneWarning,
+                     NothingPrunedWarning as NothingPrunedWarning,
                      TraceError as TraceError, UnsupportedOpError as UnsupportedOpError)
 from .plan import Plan as Plan
 

@@ -24,3 +24,8 @@ class ModelError(StructpruneError, ValueError):
 
 class StructpruneWarning(UserWarning):
     """Something was done conservatively (frozen) that the user may want to know about."""
+
+
+class NothingPrunedWarning(StructpruneWarning):
+    """A prune removed nothing, or much less than was asked; the message names the largest frozen
+    parts and why they are frozen. The CLI exits non-zero on it unless ``--allow-noop``."""
