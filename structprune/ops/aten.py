@@ -24,7 +24,8 @@ from .attention import SDPARule
 from .conv import FunctionalConvRule, _conv_macs, conv_couplings
 from .elementwise import BroadcastRule, ReduceRule, SoftmaxRule, TypeAsRule, UnaryRule
 from .linear import EinsumRule, FunctionalLinearRule, MatmulRule
-from .norm import FunctionalGroupNormRule, LayerNormRule
+from .norm import (FunctionalGroupNormRule, LayerNormRule, functional_stats, reduced_dims,
+                   stat_couplings)
 from .pool import (ChannelShuffleRule, InterpolateRule, PadRule, PixelShuffleRule, Pool1dRule,
                    Pool2dRule, Pool3dRule)
 from .registry import CoupleContext, OpRule, extend, register
@@ -191,15 +192,41 @@ _BN_ROLES = ("norm", "bias", "stat", "stat")
 @register(*_ops("batch_norm.default", "instance_norm.default"))
 class AtenBatchNormRule(OpRule):
     """``aten.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
-    cudnn)`` and ``aten.instance_norm`` (same order): per-channel weight, bias and statistics."""
+    cudnn)`` and ``aten.instance_norm`` (same order, ``use_input_stats`` for ``training``):
+    per-channel weight, bias and statistics; the dims that batch or instance statistics reduce
+    over stay whole (see :class:`~structprune.ops.norm.FunctionalBatchNormRule`)."""
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x = ctx.arg(0, "input")
-        yield from ctx.identity(x, ctx.node)
+        is_instance = ctx.node.target is aten.instance_norm.default
+        kind = functional_stats(ctx, is_instance, 5, "use_input_stats" if is_instance
+                                else "training", 3)
+        yield from _bn_body(ctx, x, kind)
         yield from _bn_params(ctx, x)
 
     def macs(self, mctx: Any) -> int:
         return math.prod(mctx.shape(mctx.node) or (0,))
+
+
+def _bn_body(ctx: CoupleContext, x: Any, kind: str, item: bool = False) -> Iterator[Record]:
+    """Couple ``x`` to the output (item 0 of it when ``item``) except the reduced dims."""
+    sx = ctx.shape(x)
+    ch = 1 if len(sx) > 1 else 0
+    reduced = set(reduced_dims(len(sx), ch, kind))
+    reason = f"{describe_target(ctx)} computes {kind} statistics over this dim"
+    if not item:
+        yield from stat_couplings(ctx, x, ch, sorted(reduced), reason)
+        return
+    for d in range(len(sx)):
+        if d in reduced:
+            yield Freeze(ctx.space(x, d), reason)
+            yield Freeze(ctx.item(0, d), reason)
+        else:
+            yield Couple(ctx.space(x, d), ctx.item(0, d))
+
+
+def describe_target(ctx: CoupleContext) -> str:
+    return f"aten.{ctx.node.target.__name__}"
 
 
 def _bn_params(ctx: CoupleContext, x: Any) -> Iterator[Record]:
@@ -217,15 +244,23 @@ def _bn_params(ctx: CoupleContext, x: Any) -> Iterator[Record]:
                 "native_batch_norm.default", "_native_batch_norm_legit.no_stats"))
 class AtenNativeBatchNormRule(OpRule):
     """The batch norms that return ``(out, save_mean, save_invstd)``: item 0 is the input's
-    shape; the saved statistics (per channel, or empty in eval) follow the channel."""
+    shape; the saved statistics (per channel, or empty in eval) follow the channel. In
+    training (``training`` argument true; ``no_stats`` always) the batch and spatial dims,
+    which the statistics reduce over, stay whole."""
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x = ctx.arg(0, "input")
         sx, items = ctx.shape(x), ctx.item_shapes(ctx.node)
         if sx is None or not items or items[0] is None:
             return
-        for d in range(len(sx)):
-            yield Couple(ctx.space(x, d), ctx.item(0, d))
+        t = ctx.node.target
+        if t is aten._native_batch_norm_legit_no_training.default:
+            kind = "running"
+        elif t is aten._native_batch_norm_legit.no_stats:
+            kind = "batch"
+        else:
+            kind = "batch" if bool(ctx.value(ctx.arg(5, "training", False))) else "running"
+        yield from _bn_body(ctx, x, kind, item=True)
         yield from _bn_params(ctx, x)
         ch = ctx.space(x, 1 if len(sx) > 1 else 0)
         for k, s in enumerate(items[1:], 1):
