@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import PlanError
 from .graph.coupling import Space
+from .macs import MacContext as MacContext  # MAC counting lives in .macs (kept importable here)
+from .macs import count_macs as count_macs
+from .macs import count_params as count_params
 
 if TYPE_CHECKING:
     from .graph.depgraph import DependencyGraph
@@ -103,48 +106,3 @@ class Plan:
         total = sum(g.num_units for g in self.graph.groups())
         return f"Plan(drop {self.num_dropped()} of {total} units in {len(self.drops)} groups)"
 
-
-class MacContext:
-    """Shapes for :meth:`OpRule.macs`, either as traced or as they will be after a plan."""
-
-    def __init__(self, graph: "DependencyGraph", sizes: dict[Space, int]) -> None:
-        self.graph = graph
-        self.sizes = sizes
-        self.node: Any = None
-        self.module_path: Optional[str] = None
-
-    def shape(self, a: Any) -> Optional[tuple[int, ...]]:
-        s = self.graph.shapes.get(getattr(a, "name", None))
-        if not isinstance(s, torch.Size):
-            return None
-        return tuple(self.sizes.get(Space(a.name, d), n) for d, n in enumerate(s))
-
-    def param_shape(self, name: str) -> tuple[int, ...]:
-        qual = f"{self.module_path}.{name}" if self.module_path else name
-        t = self.graph.graph_module.get_parameter(qual)
-        return tuple(self.sizes.get(Space("@" + qual, d), n) for d, n in enumerate(t.shape))
-
-
-def count_macs(graph: "DependencyGraph", sizes: Optional[dict[Space, int]] = None,
-               per_node: bool = False) -> Any:
-    """Multiply-accumulates of one forward pass on the example inputs (after a plan's sizes)."""
-    mctx = MacContext(graph, sizes if sizes is not None else graph.table.size)
-    total, by_node = 0, {}
-    for n in graph.graph_module.graph.nodes:
-        rule = graph.node_rules.get(n.name)
-        if rule is None:
-            continue
-        mctx.node = n
-        mctx.module_path = str(n.target) if n.op == "call_module" else None
-        try:
-            m = int(rule.macs(mctx))
-        except Exception:  # a rule that cannot count this call contributes nothing
-            m = 0
-        total += m
-        if per_node and m:
-            by_node[n.name] = m
-    return (total, by_node) if per_node else total
-
-
-def count_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -1,15 +1,20 @@
 """Before/after report: parameters, MACs, and what every group kept.
 
-``sp.report(model, pruned, x)`` traces both models, counts parameters and MACs (convs, linears,
-matmuls/attention, norms), and matches each group of the original to the pruned model by
+``sp.report(model, pruned, x)`` traces both models, counts parameters and MACs (every op: rule
+formulas where a plan can change the shapes, torch's FlopCounterMode elsewhere, see
+:mod:`structprune.macs`), and matches each group of the original to the pruned model by
 parameter name, so it works for any pruned model whose parameter names were kept (as structprune's
 are). ``str(report)`` is a table; ``report.to_dict()`` is the same for ``--json``.
+
+MACs are per forward pass on the example inputs as given, not per sample: a batch of 2 reports
+twice the MACs of a batch of 1. The report keeps the input shapes and says so.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 import torch.nn as nn
 
 from .graph.depgraph import trace
@@ -32,12 +37,19 @@ class GroupRow:
 
 @dataclass
 class Report:
+    """Parameters and MACs before and after, and what every group kept.
+
+    ``macs_before``/``macs_after`` are multiply-accumulates of one forward pass on the example
+    inputs as given (the whole batch, not per sample); ``input_shapes`` are those inputs' shapes.
+    """
+
     params_before: int
     params_after: int
     macs_before: int
     macs_after: int
     groups: list[GroupRow] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
+    input_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def params_kept(self) -> float:
@@ -51,7 +63,9 @@ class Report:
         return {"params": {"before": self.params_before, "after": self.params_after,
                            "kept": round(self.params_kept, 6)},
                 "macs": {"before": self.macs_before, "after": self.macs_after,
-                         "kept": round(self.macs_kept, 6)},
+                         "kept": round(self.macs_kept, 6),
+                         "per": "forward pass on the example inputs",
+                         "input_shapes": [list(s) for s in self.input_shapes]},
                 "groups": [{"group": g.group, "modules": g.modules, "units_before": g.units_before,
                             "units_after": g.units_after, "unit_width": g.width}
                            for g in self.groups],
@@ -65,7 +79,11 @@ class Report:
                  f"{'params':10s}{num(self.params_before):>12s}{num(self.params_after):>12s}"
                  f"{self.params_kept:>8.1%}",
                  f"{'MACs':10s}{num(self.macs_before):>12s}{num(self.macs_after):>12s}"
-                 f"{self.macs_kept:>8.1%}", ""]
+                 f"{self.macs_kept:>8.1%}"]
+        if self.input_shapes:
+            shapes = ", ".join(str(tuple(s)) for s in self.input_shapes)
+            lines.append(f"MACs: one forward pass on the example batch as given, inputs {shapes}")
+        lines.append("")
         if self.groups:
             lines.append(f"{'group':>5s}  {'units':>11s}  {'kept':>6s}  modules")
             for g in self.groups[:max_groups]:
@@ -103,4 +121,11 @@ def report(model: nn.Module, pruned: Optional[nn.Module], example_inputs: Exampl
                              max(kept_idx // per_unit, 0), grp.width))
     return Report(sum(p.numel() for p in model.parameters()),
                   sum(p.numel() for p in pruned.parameters()),
-                  count_macs(g0), count_macs(g1), rows, [repr(e) for e in g0.frozen()])
+                  count_macs(g0), count_macs(g1), rows, [repr(e) for e in g0.frozen()],
+                  _input_shapes(g0.args, g0.kwargs))
+
+
+def _input_shapes(args: tuple, kwargs: dict) -> list[tuple[int, ...]]:
+    """Shapes of the tensors among the example inputs, positional first (for the MACs note)."""
+    return [tuple(v.shape) for v in list(args) + list(kwargs.values())
+            if isinstance(v, torch.Tensor)]
