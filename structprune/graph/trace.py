@@ -13,23 +13,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import linecache
 import operator
-import os
-import traceback
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .. import diagnostics
 from ..errors import ModelError, TraceError
 from ..ops.registry import OpRule, RuleKey, has_module_rule
 
 ExampleInputs = Any  # a tensor, a tuple of positional inputs, or a dict of keyword inputs
 
-_LIB_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
 def normalize_inputs(example_inputs: ExampleInputs) -> tuple[tuple, dict]:
@@ -53,11 +49,16 @@ def check_model(model: nn.Module) -> None:
             raise ModelError(f"parameter '{name}' is on the meta device: there are no weights to "
                              f"score or slice. Materialise the model first (model.to_empty("
                              f"device='cpu') and load its state_dict).")
-        if t.is_floating_point() and t.dtype in (torch.float16, torch.bfloat16):
+        if t.is_floating_point() and t.dtype in _BACK_TO:
             raise ModelError(f"parameter '{name}' is {t.dtype}: structprune analyses models in "
-                             f"float32/float64 (scores and the oracle lose precision in half, and "
-                             f"many CPU kernels lack it). Prune model.float() and convert the "
-                             f"pruned model back with .half() afterwards.")
+                             f"float32/float64 (scores and the oracle lose precision in "
+                             f"{t.dtype}, and many CPU kernels lack it). Prune model.float() "
+                             f"and convert the pruned model back with {_BACK_TO[t.dtype]} "
+                             f"afterwards.")
+
+
+# How to convert a pruned float32 model back to the dtype the user started from.
+_BACK_TO = {torch.float16: ".half()", torch.bfloat16: ".to(torch.bfloat16)"}
 
 
 class Tracer(fx.Tracer):
@@ -110,44 +111,74 @@ class Tracer(fx.Tracer):
             self._sp_path_stack.pop()
 
 
-def _user_frame(exc: BaseException) -> str:
-    """``file:line: code`` of the innermost frame outside torch and structprune."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    for fr in reversed(frames):
-        f = os.path.abspath(fr.filename)
-        if not f.startswith(_LIB_DIR) and not f.startswith(_TORCH_DIR):
-            code = (fr.line or linecache.getline(fr.filename, fr.lineno)).strip()
-            return f"{fr.filename}:{fr.lineno}: {code}"
-    return "(no frame outside torch)"
-
-
 def capture(model: nn.Module, rules: dict[RuleKey, OpRule], leaf_modules: Iterable[Any] = (),
             concrete_args: Optional[dict] = None,
             example_inputs: Optional[tuple[tuple, dict]] = None) -> fx.GraphModule:
     """Symbolically trace ``model``; if that fails, capture it with ``torch.export`` on
-    ``example_inputs`` (``(args, kwargs)``). Raise :class:`TraceError` naming the module and the
-    code when neither works (or when fx fails and there are no example inputs)."""
+    ``example_inputs`` (``(args, kwargs)``).
+
+    Raises:
+        TraceError: neither works (or fx fails and there are no example inputs). The message is
+            short: the module and source line that failed, one line from each of fx and export,
+            and what to try, including the largest submodules that do capture on their own.
+            When the model does not even run on the example inputs, it says which module
+            rejected which input shape instead. ``STRUCTPRUNE_DEBUG=1`` adds torch's full texts
+            and keeps the chained exceptions.
+    """
     tracer = Tracer(rules, leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many types; all mean "could not capture"
-        where = tracer._sp_failed_at or "(top level)"
-        message = (
-            f"torch.fx could not trace {type(model).__name__}: in module '{where}' at "
-            f"{_user_frame(exc)}: {type(exc).__name__}: {exc}. If this module branches on tensor "
-            f"values or shapes, make it a leaf (sp.trace(model, x, leaf_modules=[its class])); it "
-            f"is then frozen unless you also give a rule (rules={{ItsClass: MyRule()}}).")
-        if example_inputs is None:
-            raise TraceError(message) from exc
-        try:
+        fx_exc: BaseException = exc
+    else:
+        _drop_unused(graph)
+        return analysis_module(tracer.root, graph, type(model).__name__)
+    debug = diagnostics.debug_enabled()
+    if example_inputs is None:
+        message = diagnostics.capture_failure(model, fx_exc, tracer._sp_failed_at, None, [])
+        raise TraceError(message) from (fx_exc if debug else None)
+    try:
+        with diagnostics.quiet_torch():
             return capture_export(model, *example_inputs)
-        except Exception as exc2:  # export raises many types too
-            first = (str(exc2).strip().splitlines() or [""])[0][:500]
-            message += (f" The torch.export fallback failed as well: {type(exc2).__name__}: "
-                        f"{first}")
-            raise TraceError(message) from exc
-    _drop_unused(graph)
-    return analysis_module(tracer.root, graph, type(model).__name__)
+    except Exception as exc:  # export raises many types too
+        export_exc: BaseException = exc
+    run = diagnostics.run_eagerly(model, *example_inputs)
+    if run.error is not None:  # the inputs do not fit: that is the first thing to fix
+        raise TraceError(_eager_mismatch(model, example_inputs, run)) from (
+            run.error if debug else None)
+
+    def capture_one(m: nn.Module, args: tuple, kwargs: dict) -> str:
+        try:
+            Tracer(rules, leaf_modules).trace(m)
+            return "fx"
+        except Exception:  # fall back as capture() does
+            capture_export(m, args, kwargs)
+            return "export"
+
+    candidates = diagnostics.capturable_submodules(model, run, capture_one)
+    message = diagnostics.capture_failure(model, fx_exc, tracer._sp_failed_at, export_exc,
+                                          candidates)
+    raise TraceError(message) from (fx_exc if debug else None)
+
+
+def _eager_mismatch(model: nn.Module, example_inputs: tuple[tuple, dict],
+                    run: diagnostics.EagerRun) -> str:
+    """The one-line message for a model that fails when run on its example inputs."""
+    import inspect
+
+    args, kwargs = example_inputs
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    names += [f"arg{i}" for i in range(len(names), len(args))]
+    given = {**dict(zip(names, args)), **kwargs}
+    path = run.failed_module or ""
+    module = model.get_submodule(path) if path else model
+    got = run.inputs.get(path, ((), {}))[0]
+    assert run.error is not None
+    return diagnostics.shape_mismatch(type(model).__name__, given, path, module,
+                                      got[0] if len(got) == 1 else got, run.error)
 
 
 def analysis_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
@@ -616,13 +647,33 @@ def record_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict,
     try:
         rec.run_graph(inputs)
     except Exception as exc:
-        n = rec.current
-        where = n.format_node() if n is not None else "?"
-        stack = n.meta.get("stack_trace", "") if n is not None else ""
-        shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
-        raise TraceError(
-            f"{model_name} failed on the example inputs (shapes {shapes}) at node {where}: "
-            f"{type(exc).__name__}: {exc}. Check that the example inputs have the shapes, dtypes "
-            f"and device the model expects.{(' ' + stack.strip().splitlines()[-1]) if stack else ''}"
-        ) from exc
+        message = _input_mismatch(gm, rec, inputs, model_name, exc)
+        raise TraceError(message) from (exc if diagnostics.debug_enabled() else None)
     return rec.shapes, rec.values
+
+
+def _input_mismatch(gm: fx.GraphModule, rec: _Recorder, inputs: list, model_name: str,
+                    exc: BaseException) -> str:
+    """One line for a graph that fails on the example inputs: the example inputs the failing
+    node depends on, with their shapes, and the module that rejected them and what it expects."""
+    n = rec.current
+    if n is None:
+        return diagnostics.shape_mismatch(model_name, {}, None, None, None, exc)
+    placeholders = [p for p in gm.graph.nodes if p.op == "placeholder"]
+    seen, todo = set(), [n]
+    while todo:  # the example inputs this node reads, directly or not
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += m.all_input_nodes
+    given = {str(p.target).lstrip("*"): v for p, v in zip(placeholders, inputs) if p in seen}
+    path, module = None, None
+    if n.op == "call_module":
+        path = str(n.target)
+        module = gm.get_submodule(path)
+    elif n.meta.get("nn_module_stack"):  # an export graph: the innermost module it ran in
+        path = str(list(n.meta["nn_module_stack"].values())[-1][0]) or None
+    args = [rec.env[a] for a in n.args if isinstance(a, fx.Node) and a in rec.env]
+    got = args[0] if len(args) == 1 else args
+    return diagnostics.shape_mismatch(model_name, given, path, module, got, exc,
+                                      node=f"%{n.name}")
