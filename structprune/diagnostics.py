@@ -294,7 +294,7 @@ def capture_failure(model: nn.Module, fx_exc: BaseException, failed_module: Opti
              f"  torch.fx: {first_line(fx_exc)}"]
     if export_exc is not None:
         eframe = user_frame(export_exc, model)
-        lines.append(f"  torch.export: {first_line(export_exc)}"
+        lines.append(f"  the torch.export fallback failed as well: {first_line(export_exc)}"
                      + (f" (at {eframe})" if eframe and eframe != frame else ""))
     lines.append("This happens when code branches on tensor values, has data-dependent shapes "
                  "(.item(), .nonzero(), loops over a tensor's values) or iterates over inputs.")
