@@ -196,3 +196,27 @@ def test_report_states_the_batch():
     assert "one forward pass on the example batch as given, inputs (2, 3, 32, 32)" in str(rep)
     d = rep.to_dict()["macs"]
     assert d["input_shapes"] == [[2, 3, 32, 32]] and d["per"].startswith("forward pass")
+
+
+class DataDependent(nn.Module):
+    """The meta device cannot run masked_select (its size depends on values): the graph is run
+    for real, where the CPU's fused LSTM kernel hides its matmuls from the counter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.lstm(x)
+        return self.fc(torch.masked_select(y, y > -100.0).view(2, -1, 8))
+
+
+def test_a_graph_the_meta_device_cannot_run_still_counts_its_leaves():
+    m = DataDependent().eval()
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(NotImplementedError):
+        m.to("meta")(x.to("meta"))
+    m = DataDependent().eval()
+    total, per_node = count_macs(sp.trace(m, x), per_node=True)
+    assert per_node == {"lstm": 4 * 8 * (4 + 8) * 2 * 5, "fc": 2 * 5 * 8 * 3}
