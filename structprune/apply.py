@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -36,46 +37,64 @@ def _tensors_by_name(root: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _by_tensor(dropped: dict[Space, np.ndarray]) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """``{qualified tensor name: [(dim, dropped indices), ...]}`` over the parameter spaces."""
+    out: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for s, idx in dropped.items():
+        if s.is_param and len(idx):
+            out.setdefault(s.key[1:], []).append((s.dim, idx))
+    return out
+
+
+def slice_like(t: torch.Tensor, dims: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+    """``t`` without the indices ``dims`` lists (``[(dim, dropped indices), ...]``), contiguous
+    and owning its memory; ``t`` itself is not changed."""
+    new = t.detach()
+    steps = sorted(dims, key=lambda d: d[0])  # outer dim first: fewer bytes
+    for k, (dim, idx) in enumerate(steps):
+        mask = np.ones(new.shape[dim], dtype=bool)
+        mask[idx] = False
+        keep = torch.as_tensor(np.flatnonzero(mask), dtype=torch.long, device=t.device)
+        if k == 0 and len(steps) == 2:  # the halfway copy goes to scratch space
+            shape = list(new.shape)
+            shape[dim] = len(keep)
+            new = torch.index_select(new, dim, keep, out=temporary(shape, new.dtype, new.device))
+        else:
+            new = new.index_select(dim, keep)
+    return new.contiguous()
+
+
 def sliced_tensors(root: nn.Module, dropped: dict[Space, np.ndarray]
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{qualified name: (old tensor, new sliced tensor)}`` for every parameter, buffer or
     tensor attribute of ``root`` that loses indices."""
-    by_tensor: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for s, idx in dropped.items():
-        if s.is_param and len(idx):
-            by_tensor.setdefault(s.key[1:], []).append((s.dim, idx))
     named = _tensors_by_name(root)
     out = {}
-    for qual, dims in by_tensor.items():
+    for qual, dims in _by_tensor(dropped).items():
         t = named[qual] if qual in named else getattr(*_owner(root, qual))
-        new = t.detach()
-        steps = sorted(dims, key=lambda d: d[0])  # outer dim first: fewer bytes
-        for k, (dim, idx) in enumerate(steps):
-            mask = np.ones(new.shape[dim], dtype=bool)
-            mask[idx] = False
-            keep = torch.as_tensor(np.flatnonzero(mask), dtype=torch.long, device=t.device)
-            if k == 0 and len(steps) == 2:  # the halfway copy goes to scratch space
-                shape = list(new.shape)
-                shape[dim] = len(keep)
-                new = torch.index_select(new, dim, keep,
-                                         out=temporary(shape, new.dtype, new.device))
-            else:
-                new = new.index_select(dim, keep)
-        new = new.contiguous()
+        new = slice_like(t, dims)
         out[qual] = (t, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(
             t, nn.Parameter) else new)
     return out
 
 
 def copy_sliced(gm: fx.GraphModule, dropped: dict[Space, np.ndarray]) -> fx.GraphModule:
-    """A deep copy of ``gm`` in which the tensors that lose indices are already sliced.
+    """A deep copy of ``gm`` in which the tensors that lose indices are already sliced."""
+    return copy_sliced_roots([gm], sliced_tensors(gm, dropped))[0]
+
+
+def copy_sliced_roots(roots: list[nn.Module], sliced: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                      ) -> list[nn.Module]:
+    """Deep copies of ``roots``, made together (a module or tensor they share stays shared),
+    in which every tensor ``sliced`` lists (``{name: (old, new)}``) is its sliced version.
 
     The sliced tensors, clones of the others and plain copies of ordinary modules are handed to
     ``deepcopy`` through its memo, so each weight is copied once (sliced or whole, never copied
-    and then sliced) and the module tree costs little more than its dictionaries.
+    and then sliced) and the module tree costs little more than its dictionaries. A sliced
+    tensor is replaced wherever it is held: tied weights, lists, plain attributes.
     """
-    memo: dict[int, Any] = {id(old): new for old, new in sliced_tensors(gm, dropped).values()}
-    tensors = {id(t): t for t in _tensors_by_name(gm).values()}
+    memo: dict[int, Any] = {id(old): new for old, new in sliced.values()}
+    tensors = {id(t): t for root in roots for t in _tensors_by_name(root).values()}
     storages: dict[int, int] = {}  # tensors per storage: views must keep sharing (deepcopy)
     for t in tensors.values():
         storages[t.untyped_storage().data_ptr()] = storages.get(
@@ -84,12 +103,17 @@ def copy_sliced(gm: fx.GraphModule, dropped: dict[Space, np.ndarray]) -> fx.Grap
         if (id(t) not in memo and _plain_tensor(t)
                 and storages[t.untyped_storage().data_ptr()] == 1):
             memo[id(t)] = _clone(t)
-    for m in gm.modules():
-        if m is not gm:
-            _copy_module(m, memo)
-    target = copy.deepcopy(gm, memo)
-    target.__class__.__name__ = type(gm).__name__  # deepcopy drops the model's name
-    return target
+    for root in roots:
+        for m in root.modules():
+            if m is not root or not isinstance(m, fx.GraphModule):
+                _copy_module(m, memo)
+    out = []
+    for root in roots:
+        target = copy.deepcopy(root, memo)
+        if isinstance(root, fx.GraphModule):
+            target.__class__.__name__ = type(root).__name__  # deepcopy drops the model's name
+        out.append(target)
+    return out
 
 
 _ATOMIC = (int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
@@ -260,6 +284,99 @@ def _apply_plan(plan: Plan, example_inputs: tuple[tuple, dict]) -> fx.GraphModul
     return plain_module(target)
 
 
+@dataclass(frozen=True)
+class Applied:
+    """What :func:`apply_plan_copy` returned: the pruned model, and why it has that type."""
+
+    model: nn.Module
+    own_class: bool  # an object of the model's own class (its forward runs), else a GraphModule
+    reason: str
+
+
+def apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
+    """A pruned copy of the traced model, of the model's own class when its ``forward`` runs
+    unchanged on the smaller modules, else an ``fx.GraphModule`` with the rewritten graph.
+
+    The model and its traced module are copied together (they share their submodules and
+    tensors, and so do the copies), with the sliced tensors in place of the old ones; the rules
+    update the copied modules during the checking run. The copy of the model is returned when
+    no literal in the graph had to change, fx lifted no tensor constant that loses indices,
+    and the copy's own forward gives the pruned graph's output on the example inputs; otherwise
+    the copied graph is returned, and ``reason`` says why.
+    """
+    graph = plan.graph
+    gm, model = graph.graph_module, graph.model
+    if gm.meta.get("structprune_capture") == "export":
+        return Applied(apply_plan(plan, example_inputs), False,
+                       "captured by torch.export: its graph does not run the model's own "
+                       "modules, so the pruned graph is returned")
+    with scratch_space():
+        dropped = plan.dropped_indices()
+        sliced = sliced_tensors(gm, dropped)
+        model_c, gm_c = copy_sliced_roots([model, gm], sliced)
+        before = _calls(gm_c.graph)
+        _update_and_check(gm_c, plan, dropped, example_inputs)
+        changed = [n for n, t, a, k in before if not (
+            _same(t, n.target) and _same(a, n.args) and _same(k, n.kwargs))]
+        if len(before) != len(gm_c.graph.nodes) or changed:
+            gm_c.graph.lint()
+            where = changed[0].format_node() if changed else "(nodes added or removed)"
+            return Applied(plain_module(gm_c), False,
+                           f"a literal size in forward had to change ({where}), so the "
+                           f"rewritten graph is returned")
+        constants = [q for q in sliced if q.rpartition(".")[2].startswith("_tensor_constant")]
+        if constants:
+            return Applied(plain_module(gm_c), False,
+                           f"forward reads a tensor that is not a parameter, buffer or module "
+                           f"attribute (fx lifted it as '{constants[0]}'), so the rewritten "
+                           f"graph is returned")
+        problem = _own_forward_differs(model_c, gm_c, example_inputs)
+        if problem:
+            return Applied(plain_module(gm_c), False,
+                           f"the model's own forward {problem} on the pruned modules, so the "
+                           f"rewritten graph is returned")
+        return Applied(model_c, True, f"{type(model).__name__}'s own forward runs on the pruned "
+                                      f"modules, so an object of that class is returned")
+
+
+def _own_forward_differs(model: nn.Module, gm: fx.GraphModule,
+                         example_inputs: tuple[tuple, dict]) -> str:
+    """Why ``model`` (its own forward) does not compute what ``gm`` computes on the example
+    inputs, or ``""`` when it does (the same values up to float rounding)."""
+    from .graph.trace import eval_mode
+
+    args, kwargs = example_inputs
+    try:
+        with torch.no_grad(), eval_mode(model), eval_mode(gm):
+            want = gm(*placeholder_values(gm, args, kwargs))
+            got = model(*args, **kwargs)
+    except Exception as exc:  # the model's forward cannot run on the smaller modules
+        return f"fails ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+    a, b = _tensors_in(got), _tensors_in(want)
+    if len(a) != len(b):
+        return "returns another structure"
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return f"returns shape {tuple(x.shape)} where the pruned graph gives {tuple(y.shape)}"
+        if x.is_floating_point() and x.numel():
+            scale = max(1.0, float(y.abs().max()))
+            if not float((x - y).abs().max()) <= 1e-5 * scale:
+                return "computes different values"
+        elif not torch.equal(x, y):
+            return "computes different values"
+    return ""
+
+
+def _tensors_in(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in out for t in _tensors_in(out[k])]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors_in(o)]
+    return []
+
+
 def _update_and_check(gm: fx.GraphModule, plan: Plan, dropped: dict[Space, np.ndarray],
                       example_inputs: tuple[tuple, dict]) -> None:
     """Run ``gm`` once, updating attributes and literals before each node and checking its new
@@ -313,16 +430,24 @@ def _calls_changed(before: list[tuple[fx.Node, Any, Any, Any]]) -> bool:
 
 class Snapshot:
     """What in-place slicing may change, saved so that a failure leaves everything as it was:
-    every module's attributes, parameters and buffers, and every node's call."""
+    every module's attributes, parameters and buffers, every tensor's data, every node's call,
+    and the optimizer state of the parameters."""
 
-    def __init__(self, roots: list[nn.Module], graph: Optional[fx.Graph] = None) -> None:
+    def __init__(self, roots: list[nn.Module], graph: Optional[fx.Graph] = None,
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         seen: dict[int, nn.Module] = {}
         for root in roots:
             for m in root.modules():
                 seen.setdefault(id(m), m)
         self.modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers))
                         for m in seen.values()]
+        tensors = {id(t): t for _, _, ps, bs in self.modules
+                   for t in list(ps.values()) + list(bs.values()) if t is not None}
+        self.data = [(t, t.data, t.grad) for t in tensors.values()]
         self.nodes = _calls(graph) if graph is not None else []
+        self.optimizer = optimizer
+        self.opt_state = ({p: dict(st) for p, st in optimizer.state.items()}
+                          if optimizer is not None else {})
 
     def calls_changed(self) -> bool:
         return _calls_changed(self.nodes)
@@ -335,6 +460,10 @@ class Snapshot:
             m._parameters.update(params)
             m._buffers.clear()
             m._buffers.update(buffers)
+        for t, data, grad in self.data:
+            if t.data is not data:
+                t.data = data
+            t.grad = grad
         for n, t, a, k in self.nodes:
             if n.target is not t:
                 n.target = t
@@ -342,32 +471,47 @@ class Snapshot:
                 n.args = a
             if n.kwargs is not k:
                 n.kwargs = k
+        if self.optimizer is not None:
+            for p, st in self.opt_state.items():
+                self.optimizer.state[p] = st
 
 
-def _replace_tensors(root: nn.Module, by_id: dict[int, torch.Tensor], quals: list[str]) -> None:
-    """Put ``by_id[id(old)]`` wherever ``root`` holds ``old``: every parameter and buffer table
-    (so tied tensors stay tied) and the plain tensor attributes named ``quals``."""
-    for m in root.modules():
-        for table in (m._parameters, m._buffers):
-            for name, t in table.items():
-                if id(t) in by_id:
-                    table[name] = by_id[id(t)]
-    for qual in quals:
-        try:
-            owner, name = _owner(root, qual)
-        except AttributeError:
-            continue
-        if id(getattr(owner, name, None)) in by_id:
-            setattr(owner, name, by_id[id(getattr(owner, name))])
+def slice_optimizer_state(optimizer: torch.optim.Optimizer, old_shapes: dict[int, tuple],
+                          dims_of: dict[int, list[tuple[int, np.ndarray]]]) -> None:
+    """Slice the per-parameter state of ``optimizer`` (Adam moments, momentum buffers, ...)
+    like the parameters it belongs to: every state tensor with the parameter's old shape loses
+    the same indices; scalars (``step``) stay. ``old_shapes`` and ``dims_of`` are keyed by
+    ``id(parameter)``."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in dims_of or p not in optimizer.state:
+                continue
+            st = optimizer.state[p]
+            for k, v in list(st.items()):
+                if isinstance(v, torch.Tensor) and tuple(v.shape) == old_shapes[id(p)]:
+                    st[k] = slice_like(v, dims_of[id(p)]).clone()
+                elif isinstance(v, torch.Tensor) and v.dim() > 0:
+                    raise PlanError(
+                        f"cannot slice optimizer state '{k}' of a pruned parameter: its shape "
+                        f"{tuple(v.shape)} is not the parameter's {old_shapes[id(p)]}. Rebuild "
+                        f"the optimizer after pruning.")
 
 
-def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict]) -> None:
-    """Apply ``plan`` to the traced model itself: its modules get the sliced tensors and new
-    attributes, and nothing is copied.
+def held_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict],
+                optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Apply ``plan`` to the traced model itself: its modules get new attributes and every
+    parameter and buffer that loses indices keeps its identity and gets the sliced data
+    (``t.data = ...``), so tied weights stay tied and an optimizer built before pruning still
+    holds the model's parameters. Their ``.grad`` is dropped (it has the old shape), and
+    ``optimizer``'s per-parameter state is sliced along with them.
 
     Raises :class:`PlanError` when the model's own forward would need new literal sizes
     (``x.view(B, 64, -1)``) or when the graph was captured by ``torch.export`` (its modules are
-    not the model's); any error leaves the model exactly as it was.
+    not the model's); any error leaves the model and the optimizer exactly as they were.
     """
     graph = plan.graph
     gm, model = graph.graph_module, graph.model
@@ -376,10 +520,12 @@ def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict]) -> None:
                         f"not run the model's own modules; prune it with sp.prune(...)")
     with scratch_space():
         dropped = plan.dropped_indices()
-        snap = Snapshot([model, gm], gm.graph)
+        snap = Snapshot([model, gm], gm.graph, optimizer)
         try:
-            by_id: dict[int, torch.Tensor] = {}  # old tensor -> its sliced replacement
             sliced = sliced_tensors(gm, dropped)
+            dims = _by_tensor(dropped)
+            old_shapes: dict[int, tuple] = {}
+            dims_of: dict[int, list[tuple[int, np.ndarray]]] = {}
             for qual, (old, new) in sliced.items():
                 if qual.rpartition(".")[2].startswith("_tensor_constant"):
                     raise PlanError(
@@ -387,11 +533,13 @@ def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict]) -> None:
                         f"that is not a parameter, buffer or attribute of a module (fx lifted it "
                         f"as '{qual}'), which would keep its old size. Register it as a buffer, "
                         f"or use sp.prune(...).")
-                by_id.setdefault(id(old), new)
-            # Every place a sliced tensor is held (tied weights, modules fx traced through), in
-            # gm and in the model (gm may hold a tensor on a path-holder module of its own).
-            for root in (gm, model):
-                _replace_tensors(root, by_id, list(sliced))
+                if id(old) in old_shapes:  # a tied tensor under a second name
+                    continue
+                old_shapes[id(old)], dims_of[id(old)] = tuple(old.shape), dims[qual]
+                old.data = new.detach()
+                old.grad = None
+            if optimizer is not None:
+                slice_optimizer_state(optimizer, old_shapes, dims_of)
             _update_and_check(gm, plan, dropped, example_inputs)
             if snap.calls_changed():
                 raise literal_sizes_error(model)

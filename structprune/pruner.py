@@ -6,27 +6,33 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from . import allocate, importance as importance_mod
-from .apply import Snapshot, apply_plan, apply_plan_, literal_sizes_error
-from .errors import PlanError
+from .apply import (Applied, Snapshot, apply_plan_, apply_plan_copy, held_parameters,
+                    literal_sizes_error)
+from .errors import NothingPrunedWarning, PlanError, StructpruneWarning
 from .graph.depgraph import DependencyGraph, resolve_ignore, trace
 from .graph.trace import ExampleInputs, check_model, normalize_inputs
 from .importance.base import scoring_pass
 from .scratch import scratch_space
-from .plan import Plan, count_macs
+from .plan import Plan, count_macs, count_params
+from .graph.coupling import Space
+
+
+RatioSpec = Union[float, Mapping[Any, float]]
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """What to prune and how much; validated on construction."""
 
-    ratio: float = 0.5
+    ratio: Any = 0.5
     importance: Any = "l2"
     ignore: tuple = ()
     global_: bool = False
@@ -38,10 +44,15 @@ class PruneConfig:
     leaf_modules: tuple = field(default=())
 
     def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not (
-                0.0 <= float(self.ratio) < 1.0):
-            raise PlanError(f"ratio must be a number in [0, 1) (the fraction of units to remove "
-                            f"per group), got {self.ratio!r}")
+        ratios = list(self.ratio.values()) if isinstance(self.ratio, Mapping) else [self.ratio]
+        for r in ratios:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) < 1.0:
+                raise PlanError(f"ratio must be a number in [0, 1) (the fraction of units to "
+                                f"remove per group) or a {{module: ratio}} dict of them, got "
+                                f"{r!r}")
+        if isinstance(self.ratio, Mapping) and (self.global_ or self.target_macs is not None):
+            raise PlanError("a per-module ratio dict works with the uniform allocator; global_ "
+                            "and target_macs rank or budget the whole model with one number")
         if self.target_macs is not None and not (0.0 < float(self.target_macs) <= 1.0):
             raise PlanError(f"target_macs must be in (0, 1] (the fraction of MACs to keep), got "
                             f"{self.target_macs!r}")
@@ -52,6 +63,13 @@ class PruneConfig:
         if self.max_ratio is not None and not (0.0 < self.max_ratio <= 1.0):
             raise PlanError(f"max_ratio must be in (0, 1], got {self.max_ratio!r}")
 
+    @property
+    def nominal_ratio(self) -> float:
+        """The ratio asked for: the number, or the largest of a per-module dict."""
+        if isinstance(self.ratio, Mapping):
+            return max((float(r) for r in self.ratio.values()), default=0.0)
+        return float(self.ratio)
+
 
 class Pruner:
     """Stateful structured pruner for one-shot and iterative schedules.
@@ -60,23 +78,34 @@ class Pruner:
 
         run()  +-- step() x iterative_steps
                      +-- plan()    trace -> score every group -> allocate -> Plan
-                     +-- apply()   slice a copy of the traced model -> smaller GraphModule
+                     +-- apply()   a pruned copy: the model's own class when its forward runs
+                                   on the smaller modules, else a rewritten fx.GraphModule
         step_()    plan() and slice the model itself (what :func:`prune_` runs)
 
     Args:
         model: the model to prune; ``plan``/``apply``/``step``/``run`` never modify it
             (``apply`` works on a copy), ``step_`` prunes it in place.
         example_inputs: a tensor, tuple or dict the model runs on.
-        ratio: fraction of each group's units to remove, in ``[0, 1)``. (default: ``0.5``)
+        ratio: fraction of each group's units to *remove*, in ``[0, 1)``, or a dict
+            ``{module: ratio}``: a group takes the ratio of the most specific listed module
+            that contains it (``{model: 0.3, model.layer4: 0.7}``) and groups under no listed
+            module are not pruned. (default: ``0.5``)
         importance: a name (``"l2"``, ``"l1"``, ``"random"``, ``"bn_scale"``, ``"taylor"``,
             ``"hessian"``, ``"fpgm"``, ``"lamp"``) or an Importance. (default: ``"l2"``)
         ignore: modules whose output dims must stay (e.g. ``[model.fc]``).
         global_: rank units across groups instead of per group. (default: False)
-        target_macs: keep this fraction of MACs instead of using ``ratio``.
+        target_macs: the fraction of MACs to *keep* (e.g. ``0.5``); replaces ``ratio``.
         round_to: keep channel counts multiples of this (e.g. 8).
         max_ratio: the most any one group may lose (default: 1.0 uniform, 0.9 global); a
             group always keeps at least one unit.
         iterative_steps: prune in this many steps, re-scoring between them. (default: 1)
+        data, loss_fn: calibration batches and a loss for gradient importances (``taylor``,
+            ``hessian``): before each scoring the gradients of ``loss_fn(model(x), y)`` are
+            accumulated over ``data`` (an iterable of ``(x, y)``; ``x`` a tensor or a tuple of
+            inputs), in eval mode, and the model's own ``.grad`` are restored afterwards.
+        prune_normalized_dims: also prune dims that LayerNorm normalises (transformer residual
+            streams), which cannot be exact; the pruner then measures the output deviation
+            from the masked original (``Pruner.deviation``) instead of guaranteeing equality.
         rules: extra op rules for this model; leaf_modules: modules not to trace into.
 
     Example:
@@ -88,15 +117,35 @@ class Pruner:
         4
     """
 
-    def __init__(self, model: nn.Module, example_inputs: ExampleInputs, ratio: float = 0.5,
-                 importance: Any = "l2", ignore: Iterable[nn.Module] = (), global_: bool = False,
+    def __init__(self, model: nn.Module, example_inputs: ExampleInputs,
+                 ratio: Optional[RatioSpec] = None, importance: Any = "l2",
+                 ignore: Iterable[nn.Module] = (), global_: bool = False,
                  target_macs: Optional[float] = None, round_to: Optional[int] = None,
                  max_ratio: Optional[float] = None, iterative_steps: int = 1,
-                 rules: Optional[dict] = None, leaf_modules: Iterable[Any] = ()) -> None:
+                 rules: Optional[dict] = None, leaf_modules: Iterable[Any] = (),
+                 data: Optional[Iterable[Any]] = None, loss_fn: Optional[Callable] = None,
+                 prune_normalized_dims: bool = False) -> None:
         check_model(model)
+        if ratio is not None and target_macs is not None:
+            warnings.warn(f"both ratio={ratio!r} and target_macs={target_macs!r} given: "
+                          f"target_macs decides how much is pruned and ratio is ignored",
+                          StructpruneWarning, stacklevel=3)
+        if ratio is None:
+            ratio = 0.5
+        ratio_paths: dict[str, float] = {}
+        if isinstance(ratio, Mapping):
+            ratio_paths = _ratio_paths(model, ratio)
+            ratio = dict(ratio_paths)
+        if prune_normalized_dims:
+            from .ops.norm import normalized_dims_rules
+
+            rules = {**normalized_dims_rules(), **(rules or {})}
         self.config = PruneConfig(ratio, importance, tuple(ignore), global_, target_macs,
                                   round_to, max_ratio, iterative_steps, rules, tuple(leaf_modules))
         self.importance = importance_mod.resolve(importance)
+        self._ratio_paths = ratio_paths
+        self.data, self.loss_fn = data, loss_fn
+        self._check_gradient_source()
         self.example_inputs = example_inputs
         self._inputs = normalize_inputs(example_inputs)
         self.original = model
@@ -106,6 +155,20 @@ class Pruner:
         self._ignore_paths = resolve_ignore(model, self.config.ignore)
         self.base_macs: Optional[int] = None
         self._orig_sizes: dict = {}
+        #: How the last :meth:`apply` returned its model (own class or graph) and why.
+        self.applied: Optional[Applied] = None
+        #: Largest relative deviation of the pruned output from the masked original, measured
+        #: after each step when an approximate rule (``prune_normalized_dims``) was used.
+        self.deviation: Optional[float] = None
+
+    def _check_gradient_source(self) -> None:
+        needs = getattr(self.importance, "needs_grad", False)
+        if self.data is not None and self.loss_fn is None:
+            raise PlanError("data= needs loss_fn= (called as loss_fn(model(x), y) per batch)")
+        if needs and self.data is None and self.config.iterative_steps > 1:
+            raise PlanError(f"importance {self.config.importance!r} with iterative_steps="
+                            f"{self.config.iterative_steps} needs data= and loss_fn=: every step "
+                            f"re-scores a freshly pruned model, which has no gradients of its own")
 
     # --- the graph of the current model ---------------------------------------------------------
     @property
@@ -119,18 +182,30 @@ class Pruner:
                 self._orig_sizes = {s: n for s, n in self._graph.table.size.items() if s.is_param}
         return self._graph
 
+    def _group_ratio(self, g: Any) -> float:
+        """The asked ratio of group ``g``: the number, or the most specific module's in a dict."""
+        if not self._ratio_paths:
+            return float(self.config.ratio)
+        mods = [m.module for m in g.params if m.role == "out"] or [m.module for m in g.params]
+        best, best_len = 0.0, -1
+        for path, r in self._ratio_paths.items():
+            if any(path == "" or mod == path or mod.startswith(path + ".") for mod in mods):
+                if len(path) > best_len:
+                    best, best_len = r, len(path)
+        return best
+
     def _step_fraction(self, k: int) -> float:
         """Cumulative fraction pruned after step k of n, as a fraction of what remains before it."""
-        n, r = self.config.iterative_steps, float(self.config.ratio)
+        n, r = self.config.iterative_steps, self.config.nominal_ratio
         before, after = 1 - r * (k - 1) / n, 1 - r * k / n
         return 1 - after / before
 
     def _step_ratios(self, k: int) -> dict[int, float]:
         """Per-group ratios for step k so that after step k each group keeps exactly what one-shot
         pruning at ``ratio * k / n`` of its original width would (no rounding drift)."""
-        cum = float(self.config.ratio) * k / self.config.iterative_steps
         out = {}
         for g in self.graph.groups():
+            cum = self._group_ratio(g) * k / self.config.iterative_steps
             sizes = [self._orig_sizes[m.space] for m in g.params if m.space in self._orig_sizes]
             cur = [self.graph.space_size(m.space) for m in g.params if m.space in self._orig_sizes]
             if not sizes:
@@ -143,9 +218,10 @@ class Pruner:
     def scores(self) -> dict[int, torch.Tensor]:
         """One score per unit for every group the importance can score."""
         out = {}
-        with scratch_space(), scoring_pass():
-            groups = self.graph.groups()
-            raw = [(g, self.importance(g, self.graph)) for g in groups]
+        with _calibration_gradients(self):
+            with scratch_space(), scoring_pass():
+                groups = self.graph.groups()
+                raw = [(g, self.importance(g, self.graph)) for g in groups]
         for g, s in raw:
             if s is not None:
                 s = torch.as_tensor(s, dtype=torch.float64).flatten()
@@ -178,7 +254,7 @@ class Pruner:
             frac = min(1.0, goal * base / max(here, 1))
             drops = allocate.mac_target(plan_for, lambda d: count_macs(
                 graph, Plan(graph, d).new_sizes()), here, frac)
-        elif cfg.iterative_steps > 1 and not cfg.global_:
+        elif (cfg.iterative_steps > 1 or self._ratio_paths) and not cfg.global_:
             k = self.steps_done + 1
             drops = plan_for(self._step_fraction(k), self._step_ratios(k))
         else:
@@ -188,16 +264,42 @@ class Pruner:
     def apply(self, plan: Plan) -> nn.Module:
         """A new, smaller model with ``plan`` applied; the pruner's model is left as it is.
 
-        Returns a copy of the model itself when the plan drops nothing, else an
-        ``fx.GraphModule`` with the same parameter names (minus the removed slices).
+        Returns an object of the model's own class (a copy with smaller modules, custom methods
+        and attributes kept) when the model's ``forward`` runs unchanged on the smaller modules,
+        and an ``fx.GraphModule`` with the same parameter names where literals in the code had
+        to change (``x.view(B, 64, -1)``) or the model was captured by ``torch.export``;
+        :attr:`applied` says which and why. With nothing to drop, a copy of the model.
         """
         if plan.graph is not self.graph:
             raise PlanError("this plan was made on another graph; build it with this pruner")
         if plan.is_empty:
-            return copy.deepcopy(self.model)
-        target = apply_plan(plan, self._inputs)
+            self.applied = Applied(copy.deepcopy(self.model), not isinstance(
+                self.model, fx.GraphModule), "nothing was dropped: a copy of the model")
+            return self.applied.model
+        reference = self._masked_reference(plan)
+        self.applied = apply_plan_copy(plan, self._inputs)
+        target = self.applied.model
         target.train(self.model.training)
+        _drop_grads(target)
+        self._measure_deviation(reference, target)
         return target
+
+    def _masked_reference(self, plan: Plan) -> Any:
+        """With an approximate rule in the graph (``prune_normalized_dims``), the masked
+        original's output to measure the pruned model against; else None."""
+        if all(getattr(r, "exact", True) for r in plan.graph.node_rules.values()):
+            return None
+        from .testing import masked_output
+
+        return masked_output(plan.graph, plan)
+
+    def _measure_deviation(self, reference: Any, pruned: nn.Module) -> None:
+        if reference is None:
+            return
+        from .testing import max_rel_diff, run
+
+        dev = max_rel_diff(run(pruned, self.example_inputs), reference)
+        self.deviation = max(self.deviation or 0.0, dev)
 
     def step(self) -> nn.Module:
         """Plan and apply the next step; the pruner continues from the result."""
@@ -210,7 +312,7 @@ class Pruner:
             self._graph = None
         return self.model
 
-    def step_(self) -> nn.Module:
+    def step_(self, optimizer: Optional[torch.optim.Optimizer] = None) -> nn.Module:
         """Plan the next step and apply it to the model itself (see :func:`prune_`)."""
         if self.model is not self.original:
             raise PlanError("this pruner already works on a pruned copy; use step()")
@@ -218,7 +320,9 @@ class Pruner:
             raise PlanError(f"all {self.config.iterative_steps} steps are done")
         plan = self.plan()
         if not plan.is_empty:
-            apply_plan_(plan, self._inputs)
+            reference = self._masked_reference(plan)
+            apply_plan_(plan, self._inputs, optimizer)
+            self._measure_deviation(reference, self.model)
             self._graph = None
         self.steps_done += 1
         return self.model
@@ -227,44 +331,163 @@ class Pruner:
         """Every remaining step; returns the final model (a copy if nothing was pruned)."""
         if self.steps_done >= self.config.iterative_steps:
             return self.model
+        before = count_params(self.model)
         while self.steps_done < self.config.iterative_steps:
             self.step()
         if self.model is self.original:
-            return copy.deepcopy(self.original)
+            self.model = copy.deepcopy(self.original)
+        warn_if_little_pruned(self, before, count_params(self.model))
         return self.model
 
 
-def prune(model: nn.Module, example_inputs: ExampleInputs, ratio: float = 0.5,
+def _ratio_paths(model: nn.Module, ratio: Mapping[Any, float]) -> dict[str, float]:
+    """``{module path: ratio}`` from a ``{module (or path): ratio}`` dict; names a bad key."""
+    by_id = {id(m): name for name, m in model.named_modules()}
+    out: dict[str, float] = {}
+    for key, r in ratio.items():
+        if isinstance(key, nn.Module) and id(key) in by_id:
+            out[by_id[id(key)]] = r
+        elif isinstance(key, str) and key in dict(model.named_modules()):
+            out[key] = r
+        else:
+            what = type(key).__name__ if isinstance(key, nn.Module) else repr(key)
+            raise PlanError(f"ratio key {what} is not a submodule of {type(model).__name__}; "
+                            f"key the dict by modules of the model (ratio={{model.layer4: 0.7}})")
+    return out
+
+
+def _drop_grads(model: nn.Module) -> None:
+    """A pruned model's gradients would have the old shapes: drop them."""
+    for p in model.parameters():
+        p.grad = None
+
+
+class _calibration_gradients:
+    """While scoring: the gradients of the pruner's ``loss_fn`` over ``data`` in ``.grad``
+    (when the importance needs gradients and data was given); the model's own gradients are
+    put back afterwards."""
+
+    def __init__(self, pruner: "Pruner") -> None:
+        self.pruner = pruner
+        self.saved: Optional[list] = None
+
+    def __enter__(self) -> None:
+        pr = self.pruner
+        if pr.data is None or not getattr(pr.importance, "needs_grad", False):
+            return
+        from .graph.trace import eval_mode
+
+        model = pr.model
+        params = [p for p in model.parameters()]
+        self.saved = [(p, p.grad) for p in params]
+        for p in params:
+            p.grad = None
+        n = 0
+        with torch.enable_grad(), eval_mode(model):
+            for batch in pr.data:
+                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                    raise PlanError("each batch of data= must be a pair (inputs, target); inputs "
+                                    "a tensor or a tuple of model inputs")
+                x, y = batch
+                out = model(*x) if isinstance(x, (tuple, list)) else model(x)
+                loss = pr.loss_fn(out, y)
+                loss.backward()
+                n += 1
+        if n == 0:
+            raise PlanError("data= gave no batches")
+        for p in params:
+            if p.grad is not None:
+                p.grad /= n
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            for p, g in self.saved:
+                p.grad = g
+
+
+def warn_if_little_pruned(pruner: Pruner, params_before: int, params_after: int) -> None:
+    """Warn (:class:`NothingPrunedWarning`) when a prune removed nothing, or much less than
+    asked, naming the largest parts that stayed and why."""
+    cfg = pruner.config
+    asked = cfg.nominal_ratio if cfg.target_macs is None else 1 - float(cfg.target_macs)
+    if asked <= 0:
+        return
+    removed = 1 - params_after / max(params_before, 1)
+    if removed >= asked / 2 and params_after < params_before:
+        return
+    graph = trace(pruner.original, pruner.example_inputs, rules=cfg.rules,
+                  leaf_modules=cfg.leaf_modules)
+    what = (f"ratio={cfg.ratio}" if cfg.target_macs is None else f"target_macs={cfg.target_macs}")
+    head = ("removed nothing" if params_after >= params_before else
+            f"removed only {removed:.1%} of the parameters")
+    warnings.warn(f"{type(pruner.original).__name__}: {what} {head}. Largest parts that stayed: "
+                  f"{frozen_summary(graph)}", NothingPrunedWarning, stacklevel=3)
+
+
+def frozen_summary(graph: DependencyGraph, limit: int = 3) -> str:
+    """The largest modules whose parameters no group can prune, with the reason for each."""
+    pruned_spaces = {m.space for g in graph.groups() for m in g.params}
+    sizes: dict[str, int] = {}
+    for name, t in list(graph.graph_module.named_parameters()):
+        if not any(Space("@" + name, d) in pruned_spaces for d in range(t.dim())):
+            mod = name.rpartition(".")[0]
+            sizes[mod] = sizes.get(mod, 0) + t.numel()
+    reasons = [e for e in graph.frozen() if e.reason]
+    parts = []
+    for mod, n in sorted(sizes.items(), key=lambda kv: -kv[1])[:limit]:
+        why = next((e.reason for e in reasons if mod and (
+            e.op == f"module {mod}" or mod in e.reason)), None)
+        if why is None:
+            why = next((e.reason for e in reasons if mod and e.node.startswith(
+                mod.replace(".", "_"))), "its dims are tied to frozen ops or the model's "
+                "inputs/outputs")
+        parts.append(f"'{mod or '(top level)'}' ({n:,} parameters): {why}")
+    return "; ".join(parts) if parts else "(no parameters)"
+
+
+def prune(model: nn.Module, example_inputs: ExampleInputs, ratio: Optional[RatioSpec] = None,
           importance: Any = "l2", ignore: Iterable[nn.Module] = (), global_: bool = False,
           target_macs: Optional[float] = None, round_to: Optional[int] = None,
           iterative_steps: int = 1, **kwargs: Any) -> nn.Module:
     """Prune ``model`` and return a new, smaller model; ``model`` itself is not modified.
 
-    See :class:`Pruner` for the arguments. With nothing to remove (``ratio=0``) the result is a
-    copy of ``model`` whose outputs are bit-identical.
+    See :class:`Pruner` for the arguments. The result is an object of the model's own class
+    when its ``forward`` runs on the smaller modules, else an ``fx.GraphModule`` (see
+    :meth:`Pruner.apply`). With nothing to remove (``ratio=0``) it is a copy of ``model``
+    whose outputs are bit-identical. Warns with :class:`NothingPrunedWarning` when the prune
+    removes nothing or much less than asked.
     """
     return Pruner(model, example_inputs, ratio=ratio, importance=importance, ignore=ignore,
                   global_=global_, target_macs=target_macs, round_to=round_to,
                   iterative_steps=iterative_steps, **kwargs).run()
 
 
-def prune_(model: nn.Module, example_inputs: ExampleInputs, **kwargs: Any) -> nn.Module:
-    """Prune ``model`` in place: its parameters and buffers are replaced by smaller ones and its
-    modules' attributes (``out_channels``, ...) updated; nothing is copied.
+def prune_(model: nn.Module, example_inputs: ExampleInputs,
+           optimizer: Optional[torch.optim.Optimizer] = None, **kwargs: Any) -> nn.Module:
+    """Prune ``model`` in place: its modules' attributes (``out_channels``, ...) are updated and
+    every parameter and buffer that loses indices is sliced where it is, keeping its identity
+    (tied weights stay tied, hooks and references stay valid); nothing is copied.
+
+    An optimizer built before pruning keeps working: pass it as ``optimizer=`` and its
+    per-parameter state (momentum buffers, Adam moments) is sliced along with the weights.
+    The parameters' ``.grad`` are dropped (they had the old shapes).
 
     Works when the model's own ``forward`` still runs on the smaller modules, i.e. no literal
     size in its code has to change (``x.view(B, 64, -1)``); otherwise raises :class:`PlanError`
-    and leaves the model as it was -- use :func:`prune`, which returns a rewritten graph.
+    and leaves the model (and the optimizer) as it was -- use :func:`prune`, which returns a
+    model with the rewritten graph.
     """
     pruner = Pruner(model, example_inputs, **kwargs)
+    before = count_params(model)
     if pruner.graph.graph_module.meta.get("structprune_capture") != "export":
-        snap = Snapshot([model])  # all steps or none
+        snap = Snapshot([model], optimizer=optimizer)  # all steps or none
         try:
             while pruner.steps_done < pruner.config.iterative_steps:
-                pruner.step_()
+                pruner.step_(optimizer)
         except BaseException:
             snap.restore()
             raise
+        warn_if_little_pruned(pruner, before, count_params(model))
         return model
     # A torch.export graph does not run the model's modules: prune a copy, move its tensors.
     pruned = pruner.run()
@@ -274,28 +497,33 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs, **kwargs: Any) -> nn
                           leaf_modules=kwargs.get("leaf_modules", ())).graph_module.code
     if pruned.code != original_code:
         raise literal_sizes_error(model)
-    _transplant(model, pruned)
+    _transplant(model, pruned, optimizer)
     return model
 
 
-def _transplant(model: nn.Module, pruned: nn.Module) -> None:
-    """Move the pruned leaves and tensors into ``model`` by qualified name."""
+def _transplant(model: nn.Module, pruned: nn.Module,
+                optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Move the pruned leaves and tensors into ``model`` by qualified name; a parameter or
+    buffer keeps its identity and takes the pruned data."""
+    held = held_parameters(optimizer) if optimizer is not None else set()
     pruned_mods = dict(pruned.named_modules())
+    own = dict(model.named_parameters(remove_duplicate=False))
+    own.update(model.named_buffers(remove_duplicate=False))
     for name, _ in list(model.named_modules()):
         if not name or name not in pruned_mods:
             continue
         new = pruned_mods[name]
         if type(new) is not nn.Module:  # a real leaf the graph calls, not a path holder
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, new)
+            mod = model.get_submodule(name)
+            for k, v in vars(new).items():  # its attributes, not its tensors
+                if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module)):
+                    setattr(mod, k, v)
     for qual, t in list(pruned.named_parameters()) + list(pruned.named_buffers()):
-        parent, _, attr = qual.rpartition(".")
-        try:
-            owner = model.get_submodule(parent) if parent else model
-        except AttributeError:
+        old = own.get(qual)
+        if old is None or old is t or old.shape == t.shape:
             continue
-        if getattr(owner, attr, None) is not t and getattr(owner, attr, None) is not None:
-            if isinstance(t, nn.Parameter):
-                setattr(owner, attr, t)
-            else:
-                owner._buffers[attr] = t
+        if id(old) in held:
+            raise PlanError(f"cannot slice the optimizer state of '{qual}' for a model captured "
+                            f"by torch.export; rebuild the optimizer after pruning")
+        old.data = t.detach()
+        old.grad = None

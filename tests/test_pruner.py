@@ -189,23 +189,54 @@ def test_activation_masks_contract():
     assert set(masks) <= names and masks["conv1"][0] == 1 and len(masks["conv1"][1]) == 8
 
 
-def test_pruned_model_is_a_plain_graph_module():
-    """Analysis graphs generate their code lazily; what users get is an ordinary GraphModule
-    (TorchScript refuses lazy ones) with code for the pruned graph."""
+def test_pruned_model_is_a_plain_graph_module_where_literals_change():
+    """Analysis graphs generate their code lazily; where sp.prune returns a graph (a literal
+    had to change) it is an ordinary GraphModule (TorchScript refuses lazy ones)."""
     import torch.fx as fx
 
     m, x = resnet()
     graph = sp.trace(m, x)
     torch.testing.assert_close(graph.graph_module(x), m(x))  # lazy code still runs
     assert "def forward" in graph.graph_module.code
-    pruned = sp.prune(m, x, ratio=0.5)
-    assert type(pruned).__mro__[1] is fx.GraphModule and type(pruned).__name__ == type(m).__name__
-    y = pruned(x)
-    seq = randomize_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
-                                   nn.Conv2d(8, 4, 3))).double().eval()  # unannotated forward
-    small = sp.prune(seq, x, ratio=0.5)
-    torch.testing.assert_close(torch.jit.script(small)(x), small(x))
-    torch.testing.assert_close(copy.deepcopy(pruned)(x), y)
+    lit = LiteralView().double()
+    xl = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    pruner = sp.Pruner(lit, xl, ratio=0.5)
+    pruned = pruner.run()
+    assert type(pruned).__mro__[1] is fx.GraphModule and type(pruned).__name__ == "LiteralView"
+    assert not pruner.applied.own_class and "literal size" in pruner.applied.reason
+    torch.testing.assert_close(torch.jit.script(pruned)(xl), pruned(xl))
+    torch.testing.assert_close(copy.deepcopy(pruned)(xl), pruned(xl))
+
+
+def test_pruned_model_is_of_the_users_class_when_its_forward_runs():
+    """Custom methods, attributes, containers and isinstance survive sp.prune (item 6)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                                          nn.Conv2d(8, 8, 3), nn.ReLU())
+            self.head = nn.Linear(8, 5)
+            self.num_classes = 5
+
+        def embed(self, x):
+            return self.features(x).mean((2, 3))
+
+        def forward(self, x):
+            return self.head(self.embed(x))
+
+    m = randomize_(Net()).double().eval()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    pruner = sp.Pruner(m, x, ratio=0.5)
+    plan = pruner.plan()
+    p = pruner.apply(plan)
+    assert isinstance(p, Net) and pruner.applied.own_class and "own forward" in pruner.applied.reason
+    assert p.num_classes == 5 and p.features[0].out_channels == 4
+    assert p.embed(x).shape == (2, 4) and p.features(x).shape[1] == 4
+    from structprune.testing import masked_output, max_rel_diff
+    assert max_rel_diff(p(x), masked_output(pruner.graph, plan)) < 1e-9
+    assert m.features[0].out_channels == 8  # the input is untouched
+    assert isinstance(sp.prune(m, x, ratio=0.0), Net)
 
 
 @pytest.mark.parametrize("name", ["l2", "bn_scale", "taylor"])
