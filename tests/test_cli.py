@@ -105,7 +105,8 @@ def run_cli(tmp_path, monkeypatch, capsys):
     (["F.py:build", "-o", "/nonexistent/dir/x.sp"], "the folder '/nonexistent/dir' does not exist"),
 ])
 def test_user_mistakes_are_one_message_and_a_json_error(run_cli, tmp_path, args, message):
-    full = ["prune", *args, "--shape", "2,6"] + ([] if "-o" in args else ["-o", str(tmp_path / "o.sp")])
+    out_file = [] if "-o" in args else ["-o", str(tmp_path / "o.sp")]
+    full = ["prune", *args, "--shape", "2,6", *out_file]
     message = message.replace("F.py", str(tmp_path / "factories.py"))
     code, out, err = run_cli(*full)
     assert code == 1 and "Traceback" not in err and message in err, err

@@ -135,7 +135,8 @@ def test_failed_capture_is_short_names_the_line_and_suggests_a_submodule(capfd):
     assert len(msg.splitlines()) < 15, msg
     assert "in the top module (Detector)" in msg
     assert f"{__file__}:" in msg and "kept = [v for v in scores[0][keep].tolist()]" in msg
-    assert "torch.fx: TraceError:" in msg and "torch.export fallback failed as well: GuardOnDataDependentSymNode" in msg
+    assert "torch.fx: TraceError:" in msg
+    assert "torch.export fallback failed as well: GuardOnDataDependentSymNode" in msg
     assert "model.backbone (1,408 params)" in msg and "STRUCTPRUNE_DEBUG=1" in msg
     # No chained fx/export tracebacks, and nothing torch printed (export dumps partial graphs).
     assert info.value.__cause__ is None and info.value.__suppress_context__
