@@ -1,14 +1,28 @@
-"""Normalisation layers: BatchNorm, InstanceNorm, GroupNorm, LayerNorm (modules and functional).
+"""Normalisation layers: BatchNorm, InstanceNorm, GroupNorm, LayerNorm, RMSNorm (modules,
+functional and ATen forms).
 
-BatchNorm and InstanceNorm keep per-channel statistics, so a channel can go on its own. GroupNorm
-normalises each group of channels together, so a unit is a whole group. LayerNorm (and RMSNorm)
-normalise over their trailing dims: removing an index there changes the statistics of all the
-others, so those dims are frozen (exactness first; the embedding of a transformer's residual
-stream therefore stays, and its heads and MLP widths are what gets pruned).
+Every rule honours its op's mode: a dim that a statistic reduces over stays whole, because
+removing an entry there changes the statistic of every other entry.
+
+- BatchNorm with stored running statistics (eval mode) is a per-channel affine map: every dim
+  maps to itself and a channel goes with its weight, bias and statistics. With batch statistics
+  (training mode, ``track_running_stats=False``, ``F.batch_norm(..., training=True)`` or without
+  running statistics, as timm's ``ScaledStdConv2d`` standardises its weight) every dim but the
+  channel stays whole.
+- InstanceNorm using input statistics (the default) keeps its spatial dims whole; GroupNorm keeps
+  its spatial dims whole and prunes whole groups of channels.
+- LayerNorm normalises over its trailing dims and subtracts their mean: those dims are frozen
+  (exactness first). :class:`ApproximateLayerNormRule` is the opt-in, inexact alternative
+  (``exact = False``), returned by :func:`normalized_dims_rules` for ``prune_normalized_dims``.
+- RMSNorm's normalised dims are prunable exactly: removing ``d - d'`` of ``d`` entries equals
+  zeroing them once the kept weight is scaled by ``sqrt(d/d')`` and ``eps`` by ``d/d'``, which
+  the rule's ``update`` does (see :class:`LayerNormRule`). Transformer residual streams
+  normalised by RMSNorm (Llama, Qwen) can therefore be narrowed without changing the output.
 """
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -207,26 +221,206 @@ class FunctionalGroupNormRule(OpRule):
             actx.set_arg(1, "num_groups", actx.new_shape(x)[1] // size)
 
 
-@register(nn.LayerNorm, F.layer_norm, *((nn.RMSNorm, F.rms_norm) if hasattr(nn, "RMSNorm") else ()))
+_RMS_KEYS = (nn.RMSNorm, F.rms_norm) if hasattr(nn, "RMSNorm") else ()
+_RMS_TARGETS = (F.rms_norm,) if hasattr(F, "rms_norm") else ()
+
+
+def _normalized_ndim(ctx: CoupleContext) -> int:
+    """How many trailing dims a LayerNorm/RMSNorm call normalises over."""
+    if ctx.module is not None:
+        return len(ctx.module.normalized_shape)
+    ns = ctx.value(ctx.arg(1, "normalized_shape"))
+    return 1 if isinstance(ns, int) else len(ns)
+
+
+def _is_rms(node: Any, module: Any) -> bool:
+    if module is not None:
+        return hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)
+    rms_aten = getattr(getattr(torch.ops.aten, "rms_norm", None), "default", None)
+    return node.target in _RMS_TARGETS or (rms_aten is not None and node.target is rms_aten)
+
+
+def _norm_args(node: Any) -> tuple[Any, Any, Any]:
+    """``(normalized_shape, weight, eps)`` of a functional ``rms_norm``/``layer_norm`` call
+    (``layer_norm``'s bias sits between weight and eps)."""
+    def arg(i: int, name: str) -> Any:
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+    return arg(1, "normalized_shape"), arg(2, "weight"), arg(3, "eps")
+
+
+def _coupled_trailing(ctx: CoupleContext, k: int, params: list[Space],
+                      roles: list[str]) -> Iterator[Record]:
+    """Couple every dim of input and output; the last ``k`` dims also to dims ``0..k-1`` of
+    each parameter (``params``: the space of each parameter's dim 0)."""
+    x = ctx.arg(0, "input")
+    sx = ctx.shape(x)
+    yield from ctx.identity(x, ctx.node)
+    lead = len(sx) - k
+    for space, role in zip(params, roles):
+        for j in range(k):
+            p = Space(space.key, j)
+            yield Couple(ctx.space(x, lead + j), p)
+            yield Role(p, role)
+
+
+@register(nn.LayerNorm, F.layer_norm, *_RMS_KEYS)
 class LayerNormRule(OpRule):
-    """LayerNorm/RMSNorm: the normalised trailing dims are frozen; leading dims map to themselves."""
+    """LayerNorm: the normalised trailing dims are frozen. RMSNorm: prunable there, exactly.
+
+    Leading dims map to themselves. LayerNorm subtracts the mean over its normalised dims:
+    removing entries there changes the statistics of the rest, so those dims stay whole (see
+    :class:`ApproximateLayerNormRule` for the opt-in inexact alternative).
+
+    RMSNorm only divides by ``sqrt(mean(x^2) + eps)``. When ``d'`` of ``d`` normalised entries
+    are kept and the others are zero (the masked original), the kept entries' mean of squares is
+    ``d/d'`` times the masked one, so scaling ``eps`` by ``d/d'`` and the weight by
+    ``sqrt(d/d')`` makes removal equal masking. ``update`` does that: for ``nn.RMSNorm`` on
+    the module (weight, ``eps``, ``normalized_shape``; a module without a weight stays frozen,
+    there being nothing to carry the scale), for ``F.rms_norm``/``aten.rms_norm`` on the call
+    (``eps`` and ``normalized_shape`` arguments, and a ``mul`` node after it that carries the
+    scale, since the weight is a graph value the rule cannot rewrite in place).
+    """
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x = ctx.arg(0, "input")
         sx = ctx.shape(x)
-        if ctx.module is not None:
-            k = len(ctx.module.normalized_shape)
-        else:
-            ns = ctx.value(ctx.arg(1, "normalized_shape"))
-            k = 1 if isinstance(ns, int) else len(ns)
+        k = _normalized_ndim(ctx)
+        if _is_rms(ctx.node, ctx.module) and (ctx.module is None or ctx.has_param("weight")):
+            if ctx.module is not None:
+                params = [ctx.param("weight", 0)]
+            else:
+                w = _norm_args(ctx.node)[1]
+                params = [ctx.space(w, 0)] if ctx.shape(w) is not None else []
+            yield from _coupled_trailing(ctx, k, params, ["norm"])
+            return
         lead = len(sx) - k
         yield from ctx.identity(x, ctx.node, range(lead))
-        reason = (f"{type(ctx.module).__name__ if ctx.module is not None else 'layer_norm'} "
-                  f"normalises over its last {k} dim(s); removing entries there changes the "
-                  f"statistics of the rest")
+        name = type(ctx.module).__name__ if ctx.module is not None else "layer_norm"
+        reason = (f"{name} normalises over its last {k} dim(s); removing entries there changes "
+                  f"the statistics of the rest")
+        if _is_rms(ctx.node, ctx.module):
+            reason = f"{name} has no weight to carry the rescaling that exact removal needs"
         for d in range(lead, len(sx)):
             yield Freeze(ctx.space(x, d), reason)
             yield Freeze(ctx.out(d), reason)
 
+    def update(self, actx: Any) -> None:
+        if not _is_rms(actx.node, actx.module):
+            return
+        x = actx.node.args[0]
+        old, new = actx.old_shape(x), actx.new_shape(x)
+        if old is None or old == new:
+            return
+        if actx.module is not None:
+            _rescale_rms_module(actx.module, old, new, actx.value(x))
+        else:
+            _rescale_rms_call(actx, old, new)
+
     def macs(self, mctx: Any) -> int:
         return math.prod(mctx.shape(mctx.node))
+
+
+def _eps(eps: Any, x: Any) -> float:
+    """``eps``, or what torch uses for ``eps=None``: the machine epsilon of ``x``'s dtype."""
+    if eps is not None:
+        return float(eps)
+    dtype = x.dtype if isinstance(x, torch.Tensor) else torch.get_default_dtype()
+    return float(torch.finfo(dtype).eps)
+
+
+def _rescale_rms_module(m: nn.Module, old: tuple, new: tuple, x: Any) -> None:
+    """Shrink ``m.normalized_shape`` to ``new``'s trailing dims and rescale weight and eps.
+
+    Idempotent: the module's ``normalized_shape`` says whether this already ran (the weight
+    has been sliced before, by the plan, either way)."""
+    k = len(m.normalized_shape)
+    shape = tuple(new[len(new) - k:])
+    if tuple(m.normalized_shape) == shape:
+        return
+    ratio = math.prod(m.normalized_shape) / math.prod(shape)
+    m.eps = _eps(m.eps, x) * ratio
+    w = m.weight
+    m.weight = nn.Parameter(w.detach() * math.sqrt(ratio), requires_grad=w.requires_grad)
+    m.normalized_shape = shape
+
+
+_SCALE_META = "structprune_rms_scale"
+
+
+def _rescale_rms_call(actx: Any, old: tuple, new: tuple) -> None:
+    """``rms_norm(x, shape, w, eps)`` -> ``rms_norm(x, shape', w, eps * d/d') * sqrt(d/d')``.
+
+    The ``mul`` node goes right after the call, so the running pass evaluates it next; the
+    node's meta records the original eps and the inserted node, so a second pass (apply runs
+    the graph on meta first, then for real if a meta kernel is missing) changes nothing more."""
+    node = actx.node
+    if _SCALE_META in node.meta:
+        return
+    shape_arg, _, eps = _norm_args(node)
+    k = 1 if isinstance(actx.value(shape_arg), int) else len(actx.value(shape_arg))
+    d_old, d_new = math.prod(old[len(old) - k:]), math.prod(new[len(new) - k:])
+    ratio = d_old / d_new
+    actx.set_arg(1, "normalized_shape", list(new[len(new) - k:]))
+    actx.set_arg(3, "eps", _eps(actx.value(eps), actx.value(node.args[0])) * ratio)
+    graph = node.graph
+    with graph.inserting_after(node):
+        mul = graph.call_function(operator.mul, (node, math.sqrt(ratio)))
+    node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
+    node.meta[_SCALE_META] = mul
+
+
+class ApproximateLayerNormRule(OpRule):
+    """Opt-in: prune LayerNorm's normalised dims, which is *not* exact (``exact = False``).
+
+    Couples the normalised dims through (input, output, weight and bias) and slices them;
+    ``update`` shrinks ``normalized_shape``. LayerNorm's mean and variance over the kept entries
+    differ from the masked original's, so the pruned model deviates; the pruner measures and
+    reports that deviation instead of guaranteeing equality. Use it through
+    :func:`normalized_dims_rules` (``prune_normalized_dims=True``) for transformer residual
+    streams, followed by fine-tuning.
+    """
+
+    exact = False
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        k = _normalized_ndim(ctx)
+        params, roles = [], []
+        for i, name, role in ((2, "weight", "norm"), (3, "bias", "bias")):
+            if ctx.module is not None and ctx.has_param(name):
+                params.append(ctx.param(name, 0))
+            elif ctx.module is None and ctx.shape(ctx.arg(i, name)) is not None:
+                params.append(ctx.space(ctx.arg(i, name), 0))
+            else:
+                continue
+            roles.append(role)
+        yield from _coupled_trailing(ctx, k, params, roles)
+
+    def update(self, actx: Any) -> None:
+        x = actx.node.args[0]
+        new = actx.new_shape(x)
+        if new is None or new == actx.old_shape(x):
+            return
+        if actx.module is not None:
+            k = len(actx.module.normalized_shape)
+            actx.module.normalized_shape = tuple(new[len(new) - k:])
+        else:
+            ns = actx.value(actx.node.args[1] if len(actx.node.args) > 1
+                            else actx.node.kwargs["normalized_shape"])
+            k = 1 if isinstance(ns, int) else len(ns)
+            actx.set_arg(1, "normalized_shape", list(new[len(new) - k:]))
+
+    def macs(self, mctx: Any) -> int:
+        return math.prod(mctx.shape(mctx.node))
+
+
+def normalized_dims_rules() -> dict:
+    """The rules that make LayerNorm's normalised dims prunable (approximately), keyed like the
+    registry: ``nn.LayerNorm``, ``F.layer_norm`` and ``aten.layer_norm.default``. The Pruner
+    merges them into its rules for ``prune_normalized_dims=True``. RMSNorm needs none: its
+    built-in rule is exact."""
+    rule = ApproximateLayerNormRule()
+    keys: list[Any] = [nn.LayerNorm, F.layer_norm]
+    aten_ln = getattr(getattr(torch.ops.aten, "layer_norm", None), "default", None)
+    if aten_ln is not None:
+        keys.append(aten_ln)
+    return {k: rule for k in keys}

@@ -37,6 +37,9 @@ class OpRule:
 
     #: If False, input dims the rule does not mention stay free (shape queries like ``x.size()``).
     freezes_unmentioned: bool = True
+    #: False for opt-in rules whose pruning is approximate (the pruned model deviates from the
+    #: masked original); the pruner then measures and reports the deviation.
+    exact: bool = True
 
     def couple(self, ctx: "CoupleContext") -> Iterable[Record]:
         return ()
