@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .errors import PlanError, UnsupportedOpError
 from .graph.coupling import Space
+from .graph.inputs import add_guard_hook
 from .graph.trace import ShapeInterpreter, placeholder_values, plain_module
 from .plan import Plan
 from .scratch import scratch_space, temporary
@@ -335,6 +336,7 @@ def apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
             return Applied(plain_module(gm_c), False,
                            f"the model's own forward {problem} on the pruned modules, so the "
                            f"rewritten graph is returned")
+        add_guard_hook(model_c, gm.meta.get("structprune_specialised", {}))
         return Applied(model_c, True, f"{type(model).__name__}'s own forward runs on the pruned "
                                       f"modules, so an object of that class is returned")
 
@@ -543,6 +545,7 @@ def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict],
             _update_and_check(gm, plan, dropped, example_inputs)
             if snap.calls_changed():
                 raise literal_sizes_error(model)
+            add_guard_hook(model, gm.meta.get("structprune_specialised", {}))
         except BaseException:
             snap.restore()
             raise

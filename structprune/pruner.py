@@ -487,6 +487,8 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs,
         except BaseException:
             snap.restore()
             raise
+        if pruner.steps_done and count_params(model) != before:
+            _drop_grads(model)
         warn_if_little_pruned(pruner, before, count_params(model))
         return model
     # A torch.export graph does not run the model's modules: prune a copy, move its tensors.
@@ -498,6 +500,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs,
     if pruned.code != original_code:
         raise literal_sizes_error(model)
     _transplant(model, pruned, optimizer)
+    _drop_grads(model)
     return model
 
 

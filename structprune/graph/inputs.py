@@ -1,0 +1,221 @@
+"""The model's non-tensor arguments: specialised where the graph cannot honour them, and then
+guarded, so that a pruned model never quietly computes something else.
+
+A forward like ``forward(self, x, scale: float = 2.0, mode: str = "sum", extra=None)`` is
+captured on its example values. ``torch.fx`` keeps a float or int argument symbolic where the
+code only computes with it (``h * scale``); strings, bools and ``None`` steer Python control flow
+and are traced as constants (fx's ``concrete_args``), and ``torch.export`` makes every
+non-tensor argument a constant. :func:`specialise` then makes the captured graph keep the
+model's signature (names and defaults) and adds, for every argument the graph does not read, a
+check that the call passes the value the model was pruned for::
+
+    torch._assert(operator.eq(mode, 'sum'), "... was pruned for mode='sum' ...")
+
+Calling the pruned model with another value raises that message; the defaults make ``p(x)``
+work where the original's did. A pruned model of the user's own class gets the same check as a
+forward pre-hook (:func:`add_guard_hook`).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import TraceError
+
+_ATOMS = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _atomic(v: Any) -> bool:
+    return isinstance(v, _ATOMS) or (type(v) in (tuple, list) and all(_atomic(x) for x in v))
+
+
+def _signature(model: nn.Module) -> Optional[inspect.Signature]:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _plain_params(sig: inspect.Signature) -> list[inspect.Parameter]:
+    return [p for p in sig.parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def example_values(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``{parameter name: value}`` for every plain forward parameter: the example input where
+    one is given, else its default (parameters with neither are left out)."""
+    sig = _signature(model)
+    if sig is None or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                          for p in sig.parameters.values()):
+        return {}
+    out: dict[str, Any] = {}
+    params = _plain_params(sig)
+    for i, p in enumerate(params):
+        if i < len(args) and p.kind != p.KEYWORD_ONLY:
+            out[p.name] = args[i]
+        elif p.name in kwargs:
+            out[p.name] = kwargs[p.name]
+        elif p.default is not inspect.Parameter.empty:
+            out[p.name] = p.default
+    return out
+
+
+def concrete_args(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments fx should trace as constants: ``None``, bools and strings (they steer
+    Python control flow; a ``Proxy`` would take the wrong branch of ``if extra is not None``)."""
+    return {k: v for k, v in example_values(model, args, kwargs).items()
+            if v is None or isinstance(v, (bool, str))}
+
+
+def specialise(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
+               concrete: dict[str, Any]) -> None:
+    """Give ``gm`` the model's parameter names and defaults, and a guard for every non-tensor
+    argument it does not read (see the module docstring). Records the guarded values in
+    ``gm.meta["structprune_specialised"]``.
+
+    Raises:
+        TraceError: an argument the graph does not read holds a value that cannot be checked
+            at call time (not None/bool/int/float/str/dtype/device or a tuple of them).
+    """
+    values = example_values(model, args, kwargs)
+    sig = _signature(model)
+    if sig is None or not values:
+        gm.meta["structprune_specialised"] = {}
+        return
+    defaults = {p.name: p.default for p in _plain_params(sig)}
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for n in placeholders:  # fx names a concrete argument's placeholder 'mode_1'
+        base = str(n.target)
+        if base not in defaults and base.rpartition("_")[0] in concrete:
+            base = base.rpartition("_")[0]
+            _erase_users(n)  # fx's own assertion on the constant: replaced by ours below
+            n.target = base
+    _add_missing_placeholders(graph, placeholders, _plain_params(sig), values)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    guarded: dict[str, Any] = {}
+    for n in placeholders:
+        name = str(n.target)
+        if name in defaults and defaults[name] is not inspect.Parameter.empty and not n.args:
+            if _atomic(defaults[name]):
+                n.args = (defaults[name],)
+        if name not in values or isinstance(values[name], torch.Tensor) or n.users:
+            continue
+        v = values[name]
+        if _holds_tensor(v):
+            continue
+        if not _atomic(v):
+            raise TraceError(
+                f"{type(model).__name__}: argument '{name}' ({type(v).__name__}) is fixed to its "
+                f"example value in the captured graph, and structprune can only check None, "
+                f"bool, int, float, str, dtype, device or tuples of them at call time. Bind it "
+                f"outside the model (functools.partial, a wrapper module) or pass a tensor.")
+        if isinstance(v, float) and math.isnan(v):
+            continue
+        guarded[name] = v
+    if guarded:
+        last = placeholders[-1]
+        with graph.inserting_after(last):
+            for name, v in reversed(list(guarded.items())):
+                ph = next(n for n in placeholders if n.target == name)
+                test = (operator.is_, (ph, None)) if v is None else (operator.eq, (ph, v))
+                cond = graph.call_function(*test)
+                msg = _message(type(model).__name__, name, v)
+                with graph.inserting_after(cond):
+                    graph.call_function(torch._assert, (cond, msg))
+        gm.recompile()
+    gm.meta["structprune_specialised"] = guarded
+
+
+def _add_missing_placeholders(graph: fx.Graph, placeholders: list[fx.Node],
+                              params: list[inspect.Parameter], values: dict[str, Any]) -> None:
+    """Give every forward parameter with an example value or default a placeholder, in the
+    signature's order (torch.export leaves out arguments the example did not pass)."""
+    have = {str(n.target): n for n in placeholders}
+    if len(have) != len(placeholders) or not set(have) <= {p.name for p in params}:
+        return  # a signature we do not recognise (nested inputs, renamed arguments)
+    prev: Optional[fx.Node] = None
+    for p in params:
+        n = have.get(p.name)
+        if n is None:
+            if p.name not in values:
+                continue
+            with graph.inserting_before(next(iter(graph.nodes))):
+                n = graph.placeholder(p.name)
+        if prev is not None and n.prev is not prev:
+            prev.append(n)
+        elif prev is None and n is not next(iter(graph.nodes)):
+            next(iter(graph.nodes)).prepend(n)
+        prev = n
+
+
+def _message(model_name: str, name: str, value: Any) -> str:
+    return (f"this pruned {model_name} was captured for {name}={value!r} (the example input "
+            f"or default) and computes only that case; it was called with another {name}. "
+            f"Prune again with that value in the example inputs.")
+
+
+def _holds_tensor(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, (tuple, list)):
+        return any(_holds_tensor(x) for x in v)
+    if isinstance(v, dict):
+        return any(_holds_tensor(x) for x in v.values())
+    return False
+
+
+def _erase_users(n: fx.Node) -> None:
+    """Erase every node that depends on ``n`` (fx's assertion chain on a concrete argument)."""
+    todo = list(n.users)
+    order: list[fx.Node] = []
+    while todo:
+        u = todo.pop()
+        if u not in order:
+            order.append(u)
+            todo += list(u.users)
+    for u in reversed(sorted(order, key=lambda x: list(n.graph.nodes).index(x))):
+        n.graph.erase_node(u)
+
+
+def _check_call(specialised: dict[str, Any], model_name: str, module: nn.Module, args: tuple,
+                kwargs: dict) -> None:
+    sig = _signature(module)
+    if sig is None:
+        return
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return  # forward itself will say what is wrong with the call
+    bound.apply_defaults()
+    for name, want in specialised.items():
+        if name in bound.arguments:
+            got = bound.arguments[name]
+            same = got is None if want is None else (not isinstance(got, torch.Tensor)
+                                                     and got == want)
+            if not same:
+                raise AssertionError(_message(model_name, name, want))
+
+
+def add_guard_hook(model: nn.Module, specialised: dict[str, Any]) -> None:
+    """Check, before every call of ``model``, that the specialised arguments have the values
+    the model was pruned for (a picklable forward pre-hook; added once)."""
+    if not specialised:
+        return
+    for h in model._forward_pre_hooks.values():
+        if isinstance(h, functools.partial) and h.func is _guard_hook:
+            return
+    model.register_forward_pre_hook(
+        functools.partial(_guard_hook, dict(specialised), type(model).__name__), with_kwargs=True)
+
+
+def _guard_hook(specialised: dict[str, Any], model_name: str, module: nn.Module, args: tuple,
+                kwargs: dict) -> None:
+    _check_call(specialised, model_name, module, args, kwargs)
