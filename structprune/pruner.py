@@ -432,15 +432,22 @@ def frozen_summary(graph: DependencyGraph, limit: int = 3) -> str:
         if not any(Space("@" + name, d) in pruned_spaces for d in range(t.dim())):
             mod = name.rpartition(".")[0]
             sizes[mod] = sizes.get(mod, 0) + t.numel()
-    reasons = [e for e in graph.frozen() if e.reason]
+    reasons: dict[str, str] = {}  # node name -> why it is frozen
+    for e in graph.frozen():
+        if e.reason:
+            reasons.setdefault(e.node, e.reason)
+    readers: dict[str, list[str]] = {}  # module path -> nodes that call it or read its tensors
+    for n in graph.graph_module.graph.nodes:
+        if n.op == "call_module":
+            readers.setdefault(str(n.target), []).append(n.name)
+        elif n.op == "get_attr":
+            readers.setdefault(str(n.target).rpartition(".")[0], []).extend(
+                u.name for u in n.users)
     parts = []
     for mod, n in sorted(sizes.items(), key=lambda kv: -kv[1])[:limit]:
-        why = next((e.reason for e in reasons if mod and (
-            e.op == f"module {mod}" or mod in e.reason)), None)
-        if why is None:
-            why = next((e.reason for e in reasons if mod and e.node.startswith(
-                mod.replace(".", "_"))), "its dims are tied to frozen ops or the model's "
-                "inputs/outputs")
+        owners = [mod] + [mod.rsplit(".", k)[0] for k in range(1, mod.count(".") + 1)]
+        why = next((reasons[r] for o in owners for r in readers.get(o, []) if r in reasons),
+                   "its dims are tied to frozen ops or to the model's inputs/outputs")
         parts.append(f"'{mod or '(top level)'}' ({n:,} parameters): {why}")
     return "; ".join(parts) if parts else "(no parameters)"
 

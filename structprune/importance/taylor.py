@@ -27,17 +27,24 @@ def _grad_scores(group: Group, graph: object, fn, what: str) -> list[torch.Tenso
     if not scores and any(tensor_of(graph, m).requires_grad for m in group.params):
         names = sorted({m.qualname for m in group.params})[:3]
         raise PlanError(f"{what} importance needs gradients, but {', '.join(names)} have none: "
-                        f"run a forward pass and loss.backward() on the model before pruning")
+                        f"pass calibration batches and a loss (sp.prune(..., data=loader, "
+                        f"loss_fn=F.cross_entropy)), or run loss.backward() on the model "
+                        f"yourself before pruning")
     return scores
 
 
 class TaylorImportance:
-    """Score a unit by ``|sum w * dL/dw|`` over each member slice (needs populated ``.grad``).
+    """Score a unit by ``|sum w * dL/dw|`` over each member slice.
+
+    Gradients come from ``sp.prune(..., data=..., loss_fn=...)`` (recomputed before every
+    scoring, so iterative schedules work) or, without data, from the model's own ``.grad``.
 
     Args:
         reduction: how member scores combine. (default: ``"mean"``)
         normalizer: per-group rescaling. (default: ``"mean"``)
     """
+
+    needs_grad = True
 
     def __init__(self, reduction: Reduction = "mean", normalizer: Normalizer = "mean") -> None:
         self.reduction, self.normalizer = reduction, normalizer
@@ -50,9 +57,12 @@ class TaylorImportance:
 class HessianImportance:
     """OBD with a diagonal-Fisher Hessian: ``1/2 sum (g w)^2`` over each member slice.
 
-    ``.grad`` is read as one sample of the gradient; accumulate squared gradients over batches
-    yourself and put them in ``.grad`` for an expectation over data.
+    ``.grad`` is read as one sample of the gradient: with ``data=`` it is the mean gradient
+    over the calibration batches; for an expectation of squared gradients accumulate them
+    yourself and put them in ``.grad``.
     """
+
+    needs_grad = True
 
     def __init__(self, reduction: Reduction = "mean", normalizer: Normalizer = "mean") -> None:
         self.reduction, self.normalizer = reduction, normalizer

@@ -1,0 +1,166 @@
+"""No silent no-op, no ignored argument (issue 10, items 3, 8 and 11)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import structprune as sp
+from structprune.testing import masked_output, max_rel_diff, randomize_
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn, self.head = cell(16, 32, batch_first=True), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+@pytest.mark.parametrize("make, x, culprit", [
+    (Encoder, torch.randn(2, 6, 32), "TransformerEncoder"),
+    (lambda: Recurrent(nn.LSTM), torch.randn(2, 6, 16), "LSTM"),
+    (lambda: Recurrent(nn.GRU), torch.randn(2, 6, 16), "GRU"),
+], ids=["transformer_encoder", "lstm", "gru"])
+def test_a_prune_that_removes_nothing_says_so_naming_the_frozen_part(make, x, culprit):
+    m = make().eval()
+    with pytest.warns(sp.NothingPrunedWarning, match="removed nothing") as rec:
+        p = sp.prune(m, x, ratio=0.5)
+    msg = str(rec[0].message)
+    assert f"no rule for torch.nn.modules" in msg and culprit in msg and "parameters" in msg
+    assert sum(q.numel() for q in p.parameters()) == sum(q.numel() for q in m.parameters())
+
+
+def test_a_prune_that_removes_far_less_than_asked_says_so():
+    class MostlyFrozen(nn.Module):  # a big LSTM and a small prunable MLP beside it
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(64, 64, batch_first=True)
+            self.a, self.b = nn.Linear(64, 8), nn.Linear(8, 64)
+
+        def forward(self, x):
+            return self.rnn(x)[0] + self.b(F.relu(self.a(x)))
+
+    m = MostlyFrozen().eval()
+    with pytest.warns(sp.NothingPrunedWarning, match=r"removed only \d+\.\d% of the parameters"):
+        sp.prune(m, torch.randn(2, 3, 64), ratio=0.5)
+    with pytest.warns(sp.NothingPrunedWarning, match="removed only"):
+        sp.prune_(MostlyFrozen().eval(), torch.randn(2, 3, 64), ratio=0.5)
+
+
+def test_no_warning_when_nothing_was_asked_or_enough_was_removed():
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sp.prune(m, x, ratio=0.0)
+        sp.prune(m, x, ratio=0.5)
+
+
+def test_ratio_and_target_macs_together_warn_that_ratio_is_ignored():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    x = torch.randn(1, 3, 12, 12)
+    with pytest.warns(sp.StructpruneWarning, match="ratio is ignored"):
+        sp.prune(m, x, ratio=0.3, target_macs=0.6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sp.prune(m, x, target_macs=0.6)
+
+
+# --- item 8: gradient importances compute their own gradients -----------------------------------
+def _classifier():
+    torch.manual_seed(0)
+    m = randomize_(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.Conv2d(16, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(16, 4))).double()
+    data = [(torch.randn(8, 3, 10, 10, dtype=torch.float64), torch.randint(0, 4, (8,)))
+            for _ in range(3)]
+    return m, data
+
+
+@pytest.mark.parametrize("importance", ["taylor", "hessian"])
+def test_gradient_importance_with_calibration_data_iteratively(importance):
+    m, data = _classifier()
+    x = data[0][0]
+    own = m[0].weight.grad = torch.full_like(m[0].weight, 7.0)  # the user's own gradient
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    pruner = sp.Pruner(m, x, ratio=0.5, importance=importance, iterative_steps=3,
+                       data=data, loss_fn=F.cross_entropy)
+    p = pruner.run()
+    assert p[0].out_channels == 8 and all(q.grad is None for q in p.parameters())
+    assert m[0].weight.grad is own and torch.equal(own, torch.full_like(own, 7.0))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # BN stats too
+
+
+def test_taylor_with_data_scores_by_those_gradients():
+    m, data = _classifier()
+    x = data[0][0]
+    pruner = sp.Pruner(m, x, ratio=0.5, importance="taylor", data=data, loss_fn=F.cross_entropy)
+    got = pruner.scores()
+    m.zero_grad()
+    m.eval()
+    for xb, yb in data:
+        F.cross_entropy(m(xb), yb).backward()
+    for q in m.parameters():
+        q.grad /= len(data)
+    ref = sp.Pruner(m, x, ratio=0.5, importance="taylor").scores()
+    assert got.keys() == ref.keys() and all(torch.allclose(got[k], ref[k]) for k in got)
+
+
+def test_gradient_importance_without_gradients_explains_how_to_give_them():
+    m, data = _classifier()
+    with pytest.raises(sp.PlanError, match="data= and loss_fn="):
+        sp.prune(m, data[0][0], importance="taylor", iterative_steps=5)
+    with pytest.raises(sp.PlanError, match="loss_fn"):
+        sp.prune(m, data[0][0], importance="taylor", data=data)
+
+
+# --- item 11: per-module ratios ----------------------------------------------------------------
+class Stages(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU())
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_per_module_ratios_most_specific_module_wins(steps):
+    m = randomize_(Stages()).double()
+    x = torch.randn(1, 3, 12, 12, dtype=torch.float64)
+    p = sp.prune(m, x, ratio={m: 0.25, m.body: 0.75, m.body[2]: 0.5}, iterative_steps=steps)
+    assert p.stem[0].out_channels == 12  # 0.25 from the model
+    assert p.body[0].out_channels == 4  # 0.75 from body
+    assert p.body[2].out_channels == 8  # 0.5 from body[2] itself
+    only = sp.prune(m, x, ratio={m.body[0]: 0.5})  # groups under no listed module stay
+    assert (only.stem[0].out_channels, only.body[0].out_channels,
+            only.body[2].out_channels) == (16, 8, 16)
+    pruner = sp.Pruner(m, x, ratio={m: 0.25, m.body: 0.75})
+    plan = pruner.plan()
+    assert max_rel_diff(pruner.apply(plan)(x), masked_output(pruner.graph, plan)) < 1e-9
+
+
+def test_per_module_ratio_errors_name_the_problem():
+    m = Stages()
+    x = torch.randn(1, 3, 12, 12)
+    with pytest.raises(sp.PlanError, match="not a submodule"):
+        sp.prune(m, x, ratio={nn.Linear(2, 2): 0.5})
+    with pytest.raises(sp.PlanError, match=r"\[0, 1\)"):
+        sp.prune(m, x, ratio={m.body: 1.5})
+    with pytest.raises(sp.PlanError, match="uniform allocator"):
+        sp.prune(m, x, ratio={m.body: 0.5}, global_=True)
