@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -17,7 +18,7 @@ import random
 import sys
 import traceback
 import warnings
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, Iterator, NoReturn, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -326,8 +327,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _Parser.json_errors = "--json" in argv
     args = parser().parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"
+    with _debug_env(args.debug):
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _debug_env(on: bool) -> Iterator[None]:
+    """Set ``STRUCTPRUNE_DEBUG=1`` for the duration of one ``main()`` call when ``on``.
+
+    The previous value (or its absence) is restored afterwards: ``main()`` run in-process (by a
+    test, a notebook, a wrapper script) must not switch the library to debug mode for good,
+    which would make every later capture error carry torch's full texts.
+    """
+    if not on:
+        yield
+        return
+    before = os.environ.get(DEBUG_ENV)
+    os.environ[DEBUG_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = before
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; report warnings and errors; return the exit code."""
     _seed(args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StructpruneWarning)

@@ -80,7 +80,10 @@ FACTORIES = textwrap.dedent("""
 @pytest.fixture
 def run_cli(tmp_path, monkeypatch, capsys):
     """Run ``main`` in this process; return (exit code, stdout, stderr)."""
-    monkeypatch.delenv("STRUCTPRUNE_DEBUG", raising=False)  # --debug sets it; undone afterwards
+    # Absent during the test, restored afterwards (a bare delenv of an unset variable records
+    # nothing to undo).
+    monkeypatch.setenv("STRUCTPRUNE_DEBUG", "")
+    monkeypatch.delenv("STRUCTPRUNE_DEBUG")
     (tmp_path / "factories.py").write_text(FACTORIES)
 
     def run(*args):
@@ -162,6 +165,21 @@ def test_debug_shows_the_traceback(run_cli, tmp_path):
     code, _, err = run_cli("prune", "F.py:broken", "--shape", "2,6", "-o", str(tmp_path / "o.sp"),
                            "--debug")
     assert code == 1 and "Traceback" in err and 'raise ValueError("no weights' in err
+
+
+def test_debug_lasts_one_call(run_cli, tmp_path, monkeypatch):
+    # main() run in-process must not leave the library in debug mode: it used to set
+    # STRUCTPRUNE_DEBUG for good, and every later capture error in the process (another test in
+    # the same xdist worker) then carried torch's full texts, hundreds of lines.
+    from structprune.diagnostics import debug_enabled
+
+    args = ("prune", "F.py:broken", "--shape", "2,6", "-o", str(tmp_path / "o.sp"))
+    assert run_cli(*args, "--debug")[0] == 1
+    assert "STRUCTPRUNE_DEBUG" not in os.environ and not debug_enabled()
+    code, _, err = run_cli(*args)
+    assert code == 1 and "Traceback" not in err
+    monkeypatch.setenv("STRUCTPRUNE_DEBUG", "yes")  # set by the user: kept as it was
+    assert run_cli(*args, "--debug")[0] == 1 and os.environ["STRUCTPRUNE_DEBUG"] == "yes"
 
 
 def _warning_prune(*categories):
