@@ -305,6 +305,13 @@ def apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
     and the copy's own forward gives the pruned graph's output on the example inputs; otherwise
     the copied graph is returned, and ``reason`` says why.
     """
+    applied = _apply_plan_copy(plan, example_inputs)
+    if not applied.own_class:
+        applied.model.meta["structprune_returned"] = applied.reason
+    return applied
+
+
+def _apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
     graph = plan.graph
     gm, model = graph.graph_module, graph.model
     if gm.meta.get("structprune_capture") == "export":

@@ -12,12 +12,14 @@ twice the MACs of a batch of 1. The report keeps the input shapes and says so.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
-from .graph.depgraph import trace
+import torch.fx as fx
+
+from .graph.depgraph import resolve_ignore, trace
 from .graph.trace import ExampleInputs
 from .plan import count_macs
 
@@ -29,6 +31,7 @@ class GroupRow:
     units_before: int
     units_after: int
     width: int
+    ignored: bool = False  # a module of the group was ignored by the user: nothing was asked
 
     @property
     def kept(self) -> float:
@@ -50,6 +53,8 @@ class Report:
     groups: list[GroupRow] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    #: What the pruned model is (its own class, or a rewritten fx.GraphModule) and why.
+    returned: str = ""
 
     @property
     def params_kept(self) -> float:
@@ -67,9 +72,19 @@ class Report:
                          "per": "forward pass on the example inputs",
                          "input_shapes": [list(s) for s in self.input_shapes]},
                 "groups": [{"group": g.group, "modules": g.modules, "units_before": g.units_before,
-                            "units_after": g.units_after, "unit_width": g.width}
+                            "units_after": g.units_after, "unit_width": g.width,
+                            "ignored": g.ignored}
                            for g in self.groups],
-                "frozen": self.frozen}
+                "frozen": self.frozen, "frozen_reasons": self.frozen_reasons(),
+                "returned": self.returned}
+
+    def frozen_reasons(self) -> dict[str, list[str]]:
+        """``{reason: [node, ...]}`` over the frozen entries, in first-seen order."""
+        out: dict[str, list[str]] = {}
+        for entry in self.frozen:
+            node, _, reason = entry.partition(": ")
+            out.setdefault(reason or entry, []).append(node)
+        return out
 
     def table(self, max_groups: int = 40) -> str:
         def num(n: int) -> str:
@@ -90,20 +105,30 @@ class Report:
                 mods = ", ".join(g.modules[:3]) + (f" (+{len(g.modules) - 3})"
                                                   if len(g.modules) > 3 else "")
                 lines.append(f"{g.group:>5d}  {g.units_before:>5d}->{g.units_after:<5d}"
-                             f"{g.kept:>6.0%}  {mods}")
+                             f"{g.kept:>6.0%}  {mods}{'  (ignored)' if g.ignored else ''}")
             if len(self.groups) > max_groups:
                 lines.append(f"  ... {len(self.groups) - max_groups} more groups")
         if self.frozen:
-            lines.append(f"frozen: {len(self.frozen)} (first: {self.frozen[0]})")
+            lines.append(f"frozen ({len(self.frozen)} nodes), by reason:")
+            for reason, nodes in self.frozen_reasons().items():
+                more = f", +{len(nodes) - 3}" if len(nodes) > 3 else ""
+                lines.append(f"  {reason}  [{', '.join(nodes[:3])}{more}]")
+        if self.returned:
+            lines.append(f"returned: {self.returned}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
 
 
-def report(model: nn.Module, pruned: Optional[nn.Module], example_inputs: ExampleInputs) -> Report:
-    """Compare ``model`` with ``pruned`` (or describe ``model`` alone when ``pruned`` is None)."""
+def report(model: nn.Module, pruned: Optional[nn.Module], example_inputs: ExampleInputs,
+           ignore: Iterable[nn.Module] = ()) -> Report:
+    """Compare ``model`` with ``pruned`` (or describe ``model`` alone when ``pruned`` is None).
+
+    ``ignore``: the modules the prune was told to ignore; their groups are shown as ignored.
+    """
     g0 = trace(model, example_inputs)
+    ignored = set(resolve_ignore(model, ignore))
     pruned = pruned if pruned is not None else model
     g1 = g0 if pruned is model else trace(pruned, example_inputs)
     after = dict(pruned.named_parameters())
@@ -117,12 +142,24 @@ def report(model: nn.Module, pruned: Optional[nn.Module], example_inputs: Exampl
         per_unit = max(before_idx // max(grp.num_units, 1), 1)
         kept_idx = before_idx if t is None else before_idx - (
             before[m.qualname].shape[m.dim] - t.shape[m.dim])
-        rows.append(GroupRow(grp.id, sorted({x.module for x in grp.params}), grp.num_units,
-                             max(kept_idx // per_unit, 0), grp.width))
+        mods = sorted({x.module for x in grp.params})
+        is_ignored = any(x.module in ignored for x in grp.params if x.role == "out")
+        rows.append(GroupRow(grp.id, mods, grp.num_units, max(kept_idx // per_unit, 0),
+                             grp.width, is_ignored))
     return Report(sum(p.numel() for p in model.parameters()),
                   sum(p.numel() for p in pruned.parameters()),
                   count_macs(g0), count_macs(g1), rows, [repr(e) for e in g0.frozen()],
-                  _input_shapes(g0.args, g0.kwargs))
+                  _input_shapes(g0.args, g0.kwargs), _returned(model, pruned))
+
+
+def _returned(model: nn.Module, pruned: nn.Module) -> str:
+    """What kind of model ``pruned`` is, and why (``sp.prune`` records the reason)."""
+    if pruned is model:
+        return ""
+    if isinstance(pruned, fx.GraphModule) and not isinstance(model, fx.GraphModule):
+        why = pruned.meta.get("structprune_returned", "the rewritten graph")
+        return f"an fx.GraphModule: {why}"
+    return f"a {type(pruned).__name__} (the model's own class): its forward runs on the pruned modules"
 
 
 def _input_shapes(args: tuple, kwargs: dict) -> list[tuple[int, ...]]:

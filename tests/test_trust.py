@@ -164,3 +164,40 @@ def test_per_module_ratio_errors_name_the_problem():
         sp.prune(m, x, ratio={m.body: 1.5})
     with pytest.raises(sp.PlanError, match="uniform allocator"):
         sp.prune(m, x, ratio={m.body: 0.5}, global_=True)
+
+
+def test_report_shows_ignored_groups_every_frozen_reason_and_what_was_returned():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+            self.rnn = nn.GRU(4, 4)
+
+        def forward(self, x):
+            h = self.c(F.relu(self.b(F.relu(self.a(x)))))
+            return self.rnn(h.unsqueeze(0))[0][0]
+
+    m = Net()
+    x = torch.randn(3, 8)
+    p = sp.prune(m, x, ratio=0.5, ignore=[m.b])
+    rep = sp.report(m, p, x, ignore=[m.b])
+    rows = {tuple(g.modules): g for g in rep.groups}
+    assert rows[("b", "c")].ignored and rows[("b", "c")].units_after == 16
+    assert not rows[("a", "b")].ignored and rows[("a", "b")].units_after == 8
+    text = str(rep)
+    assert "(ignored)" in text and "no rule for torch.nn.modules.rnn.GRU" in text
+    assert "a model output keeps its shape" in text  # every reason, not only the first
+    assert "returned: a Net (the model's own class)" in text
+    d = rep.to_dict()
+    assert len(d["frozen_reasons"]) >= 2 and d["returned"].startswith("a Net")
+
+    class Literal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x)).view(-1, 16))
+
+    lit = Literal()
+    assert "literal size in forward had to change" in sp.report(lit, sp.prune(lit, x), x).returned
