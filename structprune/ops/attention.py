@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.coupling import Couple, Record
+from ..graph.coupling import Couple, Freeze, Record
 from .registry import CoupleContext, OpRule, register
 
 
@@ -25,7 +26,10 @@ class SDPARule(OpRule):
     """``sdpa(q, k, v)``: batch and head dims shared by q, k, v and out; v's last dim is out's.
 
     q/k's feature dim sets the softmax scale and the key positions are softmaxed over, so both
-    stay whole (a head is removed through its batch-like head dim instead).
+    stay whole (a head is removed through its batch-like head dim instead). With ``is_causal``
+    or an ``attn_mask`` the query positions stay whole too (the mask is aligned by position);
+    with grouped-query attention (fewer key/value heads) a key/value head is one unit with the
+    query heads that read it.
     """
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
@@ -39,7 +43,21 @@ class SDPARule(OpRule):
             for d in range(nb):
                 if d + shift >= 0 and st[d + shift] == so[d]:
                     yield Couple(ctx.space(t, d + shift), ctx.out(d))
-        yield Couple(ctx.space(q, -2), ctx.out(-2))
+        if nb >= 1 and sq[-3] != sk[-3] and sk[-3] == sv[-3] and sq[-3] % sk[-3] == 0:
+            # enable_gqa: query head h reads key/value head h // g; a key/value head goes with
+            # its g query heads (and out's, coupled to q's above).
+            g = sq[-3] // sk[-3]
+            for t in (k, v):
+                yield Couple(ctx.space(t, -3), ctx.space(q, -3), np.repeat(np.arange(sk[-3]), g),
+                             np.arange(sq[-3]))
+        mask = ctx.arg(3, "attn_mask")
+        if bool(ctx.value(ctx.arg(5, "is_causal", False))) or mask is not None:
+            # A causal or explicit mask is aligned by query position: those stay whole.
+            reason = "the attention mask is aligned by query position"
+            yield Freeze(ctx.space(q, -2), reason)
+            yield Freeze(ctx.out(-2), reason)
+        else:
+            yield Couple(ctx.space(q, -2), ctx.out(-2))
         yield Couple(ctx.space(v, -1), ctx.out(-1))
 
     def macs(self, mctx: Any) -> int:

@@ -166,7 +166,8 @@ class ReduceRule(OpRule):
         reduced = _reduced_dims(ctx.value(dim), len(sx))
         if reduced is None:
             return
-        keepdim = bool(ctx.value(ctx.arg(dim_pos + 1, "keepdim", False)))
+        keepdim = bool(ctx.value(ctx.arg(_keepdim_pos(ctx.node, name, dim_pos), "keepdim",
+                                         False)))
         outs = [ctx.node] if ctx.out_shape is not None else []
         item_shapes = ctx.item_shapes(ctx.node) or []
         kept = [d for d in range(len(sx)) if d not in reduced]
@@ -177,6 +178,15 @@ class ReduceRule(OpRule):
             for i, s in enumerate(item_shapes):
                 if s is not None:
                     yield Couple(ctx.space(x, d), ctx.item(i, od))
+
+
+def _keepdim_pos(node: fx.Node, name: str, dim_pos: int) -> int:
+    """Where ``keepdim`` sits: right after ``dim``, except in ``std``/``var(x, dim, unbiased,
+    keepdim)`` and ATen's ``var.dim``/``std.dim``; ``*.correction`` overloads take it by keyword."""
+    if name in ("std", "var", "std_mean", "var_mean"):
+        overload = getattr(node.target, "_overloadname", None)
+        return 99 if overload == "correction" else dim_pos + 2
+    return dim_pos + 1
 
 
 @register(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin,
