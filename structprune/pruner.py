@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 import warnings
+import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
@@ -337,7 +338,24 @@ class Pruner:
         if self.model is self.original:
             self.model = copy.deepcopy(self.original)
         warn_if_little_pruned(self, before, count_params(self.model))
+        _record(self.model, self)
         return self.model
+
+
+#: What sp.prune knows about the models it returned (read by sp.report): measured deviation.
+_RECORDS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _record(model: nn.Module, pruner: "Pruner") -> None:
+    if pruner.deviation is not None:
+        _RECORDS[model] = {"deviation": pruner.deviation}
+
+
+def measured_deviation(model: nn.Module) -> Optional[float]:
+    """The largest relative output deviation from the masked original that the pruning of
+    ``model`` measured (only where approximate rules were used, ``prune_normalized_dims``)."""
+    rec = _RECORDS.get(model)
+    return None if rec is None else rec["deviation"]
 
 
 def _ratio_paths(model: nn.Module, ratio: Mapping[Any, float]) -> dict[str, float]:
@@ -497,6 +515,7 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs,
         if pruner.steps_done and count_params(model) != before:
             _drop_grads(model)
         warn_if_little_pruned(pruner, before, count_params(model))
+        _record(model, pruner)
         return model
     # A torch.export graph does not run the model's modules: prune a copy, move its tensors.
     pruned = pruner.run()

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.fx as fx
 
 from .graph.depgraph import resolve_ignore, trace
+from .pruner import measured_deviation
 from .graph.trace import ExampleInputs
 from .plan import count_macs
 
@@ -55,6 +56,10 @@ class Report:
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     #: What the pruned model is (its own class, or a rewritten fx.GraphModule) and why.
     returned: str = ""
+    #: With approximate rules (``prune_normalized_dims=True``): the largest relative deviation
+    #: of the pruned output from the masked original, measured on the example inputs. None:
+    #: every rule was exact (the pruned model equals the masked original).
+    deviation: Optional[float] = None
 
     @property
     def params_kept(self) -> float:
@@ -76,7 +81,7 @@ class Report:
                             "ignored": g.ignored}
                            for g in self.groups],
                 "frozen": self.frozen, "frozen_reasons": self.frozen_reasons(),
-                "returned": self.returned}
+                "returned": self.returned, "deviation": self.deviation}
 
     def frozen_reasons(self) -> dict[str, list[str]]:
         """``{reason: [node, ...]}`` over the frozen entries, in first-seen order."""
@@ -115,6 +120,9 @@ class Report:
                 lines.append(f"  {reason}  [{', '.join(nodes[:3])}{more}]")
         if self.returned:
             lines.append(f"returned: {self.returned}")
+        if self.deviation is not None:
+            lines.append(f"approximate: normalised dims were pruned; the output deviates from "
+                         f"the masked original by {self.deviation:.2e} (relative, measured)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -149,7 +157,8 @@ def report(model: nn.Module, pruned: Optional[nn.Module], example_inputs: Exampl
     return Report(sum(p.numel() for p in model.parameters()),
                   sum(p.numel() for p in pruned.parameters()),
                   count_macs(g0), count_macs(g1), rows, [repr(e) for e in g0.frozen()],
-                  _input_shapes(g0.args, g0.kwargs), _returned(model, pruned))
+                  _input_shapes(g0.args, g0.kwargs), _returned(model, pruned),
+                  measured_deviation(pruned))
 
 
 def _returned(model: nn.Module, pruned: nn.Module) -> str:

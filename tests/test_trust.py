@@ -201,3 +201,30 @@ def test_report_shows_ignored_groups_every_frozen_reason_and_what_was_returned()
 
     lit = Literal()
     assert "literal size in forward had to change" in sp.report(lit, sp.prune(lit, x), x).returned
+
+
+def test_prune_normalized_dims_is_opt_in_and_reports_its_measured_deviation():
+    class Block(nn.Module):  # a pre-norm residual MLP block: the stream is LayerNorm'd
+        def __init__(self):
+            super().__init__()
+            self.embed, self.norm = nn.Linear(6, 16), nn.LayerNorm(16)
+            self.up, self.down, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.embed(x)
+            h = h + self.down(F.gelu(self.up(self.norm(h))))
+            return self.head(h)
+
+    torch.manual_seed(0)
+    m = randomize_(Block()).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    exact = sp.Pruner(m, x, ratio=0.5)
+    p0 = exact.run()
+    assert p0.embed.out_features == 16 and exact.deviation is None  # exact: stream kept
+    assert sp.report(m, p0, x).deviation is None
+    approx = sp.Pruner(m, x, ratio=0.5, prune_normalized_dims=True)
+    p1 = approx.run()
+    assert p1.embed.out_features == 8 and p1.norm.normalized_shape == (8,)
+    assert approx.deviation is not None and approx.deviation > 1e-6  # not claimed exact
+    rep = sp.report(m, p1, x)
+    assert rep.deviation == approx.deviation and "deviates from the masked original" in str(rep)
