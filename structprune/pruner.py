@@ -104,6 +104,8 @@ class Pruner:
             ``hessian``): before each scoring the gradients of ``loss_fn(model(x), y)`` are
             accumulated over ``data`` (an iterable of ``(x, y)``; ``x`` a tensor or a tuple of
             inputs), in eval mode, and the model's own ``.grad`` are restored afterwards.
+        head_ratio: the fraction of attention heads to remove (groups whose units are heads,
+            see :meth:`DependencyGraph.head_groups`), instead of ``ratio``.
         prune_normalized_dims: also prune dims that LayerNorm normalises (transformer residual
             streams), which cannot be exact; the pruner then measures the output deviation
             from the masked original (``Pruner.deviation``) instead of guaranteeing equality.
@@ -125,7 +127,7 @@ class Pruner:
                  max_ratio: Optional[float] = None, iterative_steps: int = 1,
                  rules: Optional[dict] = None, leaf_modules: Iterable[Any] = (),
                  data: Optional[Iterable[Any]] = None, loss_fn: Optional[Callable] = None,
-                 prune_normalized_dims: bool = False) -> None:
+                 prune_normalized_dims: bool = False, head_ratio: Optional[float] = None) -> None:
         check_model(model)
         if ratio is not None and target_macs is not None:
             warnings.warn(f"both ratio={ratio!r} and target_macs={target_macs!r} given: "
@@ -145,6 +147,12 @@ class Pruner:
                                   round_to, max_ratio, iterative_steps, rules, tuple(leaf_modules))
         self.importance = importance_mod.resolve(importance)
         self._ratio_paths = ratio_paths
+        if head_ratio is not None:
+            PruneConfig(ratio=head_ratio)  # validates it like ratio
+            if global_ or target_macs is not None:
+                raise PlanError("head_ratio works with the uniform allocator (not with global_ "
+                                "or target_macs)")
+        self.head_ratio = head_ratio
         self.data, self.loss_fn = data, loss_fn
         self._check_gradient_source()
         self.example_inputs = example_inputs
@@ -184,7 +192,10 @@ class Pruner:
         return self._graph
 
     def _group_ratio(self, g: Any) -> float:
-        """The asked ratio of group ``g``: the number, or the most specific module's in a dict."""
+        """The asked ratio of group ``g``: ``head_ratio`` for head groups, else the number, or
+        the most specific module's in a dict."""
+        if self.head_ratio is not None and g.id in self.graph.head_groups():
+            return float(self.head_ratio)
         if not self._ratio_paths:
             return float(self.config.ratio)
         mods = [m.module for m in g.params if m.role == "out"] or [m.module for m in g.params]
@@ -255,7 +266,8 @@ class Pruner:
             frac = min(1.0, goal * base / max(here, 1))
             drops = allocate.mac_target(plan_for, lambda d: count_macs(
                 graph, Plan(graph, d).new_sizes()), here, frac)
-        elif (cfg.iterative_steps > 1 or self._ratio_paths) and not cfg.global_:
+        elif (cfg.iterative_steps > 1 or self._ratio_paths or self.head_ratio is not None
+              ) and not cfg.global_:
             k = self.steps_done + 1
             drops = plan_for(self._step_fraction(k), self._step_ratios(k))
         else:

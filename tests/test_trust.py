@@ -228,3 +228,23 @@ def test_prune_normalized_dims_is_opt_in_and_reports_its_measured_deviation():
     assert approx.deviation is not None and approx.deviation > 1e-6  # not claimed exact
     rep = sp.report(m, p1, x)
     assert rep.deviation == approx.deviation and "deviates from the masked original" in str(rep)
+
+
+@pytest.mark.parametrize("name", ["vit", "vit_manual"])
+def test_head_ratio_prunes_heads_apart_from_channels(name):
+    import models
+
+    m = randomize_(models.get(name)).double().eval()
+    x = tuple(t.double() for t in models.example_inputs(name))
+    graph = sp.trace(m, x)
+    heads = graph.head_groups()
+    assert heads and all(graph.groups()[i].num_units == 3 for i in heads)
+    pruner = sp.Pruner(m, x, ratio=0.5, head_ratio=0.34)
+    plan = pruner.plan()
+    kept = {g.id: g.num_units - len(plan.drops.get(g.id, [])) for g in pruner.graph.groups()}
+    assert all(kept[i] == 2 for i in heads)  # one head of three goes
+    assert all(kept[g.id] == g.num_units - g.num_units // 2 for g in pruner.graph.groups()
+               if g.id not in heads)
+    assert max_rel_diff(pruner.apply(plan)(*x), masked_output(pruner.graph, plan)) < 1e-9
+    only_channels = sp.Pruner(m, x, ratio=0.5, head_ratio=0.0).plan()
+    assert not set(only_channels.drops) & heads

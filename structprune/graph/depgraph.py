@@ -241,6 +241,24 @@ class DependencyGraph:
         """Every prunable group, in graph order."""
         return list(self._groups)
 
+    def head_groups(self) -> set[int]:
+        """Ids of the groups whose units are attention heads: those with an activation member
+        on the head dim (``-3``) of the query, key or value of a scaled-dot-product attention,
+        or of both operands of a batched matmul of rank >= 4 (``q @ k.transpose(-2, -1)``)."""
+        from ..ops.attention import SDPARule
+        from ..ops.linear import MatmulRule
+
+        head_spaces: set[Space] = set()
+        for n in self.graph_module.graph.nodes:
+            rule = self.node_rules.get(n.name)
+            operands = [a for a in n.args[:3] if isinstance(a, fx.Node)]
+            shapes = [self._tuple_shapes.get(a.name) for a in operands]
+            if not operands or any(s is None or len(s) < 4 for s in shapes):
+                continue
+            if isinstance(rule, SDPARule) or (isinstance(rule, MatmulRule) and len(operands) == 2):
+                head_spaces |= {Space(a.name, len(sh) - 3) for a, sh in zip(operands, shapes)}
+        return {g.id for g in self._groups if any(m.space in head_spaces for m in g.activations)}
+
     def frozen(self) -> list[FrozenEntry]:
         """Nodes that are frozen (no rule, a rule's caveat, graph I/O is implied) with reasons."""
         return list(self._frozen)
