@@ -84,13 +84,22 @@ class UnaryRule(OpRule):
 
 @register("type_as", "new_tensor")
 class TypeAsRule(OpRule):
-    """``x.type_as(y)``: the output is ``x``; ``y`` is read only for its dtype."""
+    """A copy of one tensor argument that reads another only for its dtype (and device).
+
+    ``x.type_as(y)``: the output is ``x``, ``y`` gives the dtype. ``x.new_tensor(data)``: the
+    output is ``data``, ``x`` gives dtype and device. When ``data`` is not a tensor (a list
+    literal), the output is a constant that no rule may slice, so it stays frozen.
+    """
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
-        yield from ctx.identity(ctx.arg(0, "self"), ctx.node)
-        other = ctx.arg(1, "other")
-        if isinstance(other, fx.Node):
-            yield from touch(ctx, other)
+        if op_name(ctx.node.target) == "new_tensor":
+            source, meta = ctx.arg(1, "data"), ctx.arg(0, "self")
+        else:
+            source, meta = ctx.arg(0, "self"), ctx.arg(1, "other")
+        if ctx.shape(source) is not None and ctx.shape(source) == ctx.out_shape:
+            yield from ctx.identity(source, ctx.node)
+        if isinstance(meta, fx.Node):
+            yield from touch(ctx, meta)
 
 
 _BINARY = (

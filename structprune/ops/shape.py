@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..graph.coupling import Choice, Couple, Freeze, Record, Space
 from .elementwise import touch
-from .registry import CoupleContext, OpRule, op_name, register
+from .registry import _REGISTRY, CoupleContext, OpRule, describe, op_name, register
 
 _REGROUP = "the reshape regroups several dims into several others; they stay whole"
 
@@ -116,6 +116,15 @@ class ReshapeRule(OpRule):
         if ctx.node.op != "call_module" and op_name(ctx.node.target) in ("view_as", "reshape_as"):
             yield from touch(ctx, ctx.arg(1, "other"))
 
+    def size_args(self, node: fx.Node) -> set:
+        """The sizes ``update`` rewrites: a view's/reshape's (after the tensor), unflatten's."""
+        if node.op == "call_module":
+            return set()
+        name = op_name(node.target)
+        if name in ("view", "reshape", "_unsafe_view"):
+            return set(range(1, len(node.args)))
+        return {2} if name == "unflatten" else set()
+
     def update(self, actx: Any) -> None:
         node, new = actx.node, actx.new_shape(actx.node)
         if actx.new_shape(node) == actx.old_shape(node):
@@ -187,13 +196,17 @@ class PermuteRule(OpRule):
 
 @register(getattr)
 class GetAttrRule(OpRule):
-    """``x.shape``, ``x.dtype`` (no coupling) and ``x.T``/``x.mT`` (a permutation)."""
+    """``x.shape`` (a size tuple, followed like ``x.size()``; see :func:`size_value_freezes`),
+    ``x.dtype`` (no coupling) and ``x.T``/``x.mT`` (a permutation)."""
 
     freezes_unmentioned = False
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x, attr = ctx.node.args[0], ctx.node.args[1]
         sx = ctx.shape(x)
+        if attr == "shape" and sx is not None:  # a size tuple: see ShapeQueryRule
+            yield from size_value_freezes(ctx, x, tuple(frozenset({d}) for d in range(len(sx))))
+            return
         if ctx.out_shape is None or sx is None:
             return
         if attr in ("data",):
@@ -207,13 +220,153 @@ class GetAttrRule(OpRule):
             yield from ctx.freeze(x, f"attribute .{attr} is not supported")
 
 
+# --- where a queried size goes ---------------------------------------------------------------
+#
+# A size read from a tensor (``x.size(1)``, ``x.shape[-1]``) may feed shape arguments: a view's
+# sizes, a factory's size. Pruning the dim changes the size, the pruned op gets another shape,
+# and the apply pass checks that shape against the plan and rewrites the literal where they
+# differ (``fix_sizes``): exact. A size that becomes a value instead (``h.sum() / h.size(-1)``,
+# attention's ``q.size(-1) ** -0.5``, a fill value, a comparison) changes that value, while the
+# masked original keeps the full size: the dim must stay whole.
+#
+# A rule declares its size arguments with ``size_args(node)``: the positions (ints) and keyword
+# names of the arguments that are sizes its ``update`` reconciles with the plan. Anything a size
+# reaches that is not such an argument, after any pure scalar arithmetic, is a value use.
+
+#: The dims a scalar depends on (a frozenset), or one such set per item of a size tuple.
+SizeDeps = Any
+
+#: Pure functions of Python scalars that a size may pass through (besides ``operator``,
+#: ``math`` and builtins): the SymInt arithmetic of graphs captured by ``torch.export``.
+_SCALAR_FUNCTIONS = tuple(getattr(torch, n) for n in (
+    "sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sqrt", "_sym_sqrt",
+    "sym_sum", "Size") if hasattr(torch, n))
+_SCALAR_MODULES = ("_operator", "operator", "math", "builtins")
+
+
+def _flat(deps: SizeDeps) -> frozenset:
+    return frozenset().union(*deps) if isinstance(deps, tuple) else deps
+
+
+def _is_tensor(ctx: CoupleContext, a: fx.Node) -> bool:
+    return ctx.shape(a) is not None or ctx.item_shapes(a) is not None
+
+
+def _scalar_step(ctx: CoupleContext, u: fx.Node, v: fx.Node, deps: SizeDeps) -> Optional[SizeDeps]:
+    """If ``u`` is pure scalar arithmetic on ``v`` (no tensor in or out), the dims its value
+    depends on; otherwise None (``u`` consumes the size)."""
+    if _is_tensor(ctx, u) or any(_is_tensor(ctx, a) for a in u.all_input_nodes):
+        return None
+    if u.op == "call_function":
+        t = u.target
+        pure = getattr(t, "__module__", None) in _SCALAR_MODULES or any(
+            t is f for f in _SCALAR_FUNCTIONS)
+        if not pure or t in (operator.setitem, operator.delitem):
+            return None
+        if t is operator.getitem and u.args[0] is v and isinstance(deps, tuple):
+            k = ctx.value(u.args[1])  # one item, or a slice, of a size tuple
+            if isinstance(k, (int, slice)):
+                try:
+                    return deps[k]
+                except IndexError:
+                    return None
+        return _flat(deps)
+    if u.op == "call_method":  # a method of an int or a torch.Size: .numel(), .index(...)
+        return _flat(deps)
+    return None
+
+
+def _contains(a: Any, v: fx.Node) -> bool:
+    if a is v:
+        return True
+    if isinstance(a, (list, tuple)):
+        return any(_contains(x, v) for x in a)
+    if isinstance(a, dict):
+        return any(_contains(x, v) for x in a.values())
+    if isinstance(a, slice):
+        return any(_contains(x, v) for x in (a.start, a.stop, a.step))
+    return False
+
+
+def _is_size_argument(u: fx.Node, v: fx.Node) -> bool:
+    """Whether every place ``v`` appears in ``u``'s arguments is a size argument of u's rule."""
+    if u.op == "call_function":
+        try:
+            rule = _REGISTRY.get(u.target)
+        except TypeError:
+            rule = None
+    elif u.op == "call_method":
+        rule = _REGISTRY.get(str(u.target))
+    else:  # modules, the graph output
+        return False
+    size_args = getattr(rule, "size_args", None)
+    if size_args is None:
+        return False
+    keys = size_args(u)
+    return not any(_contains(a, v) and k not in keys for k, a in
+                   [*enumerate(u.args), *u.kwargs.items()])
+
+
+def size_value_freezes(ctx: CoupleContext, x: fx.Node, deps: SizeDeps) -> Iterator[Freeze]:
+    """Freeze each dim of ``x`` whose size, as read by ``ctx.node``, reaches a value.
+
+    ``deps`` are the dims ``ctx.node``'s value depends on (per item for a size tuple). Its users
+    are followed through pure scalar arithmetic; every use that is not a size argument (see
+    ``size_args``) freezes the dims it depends on. Unknown ops count as value uses.
+    """
+    why: dict[int, str] = {}
+    todo, seen = [(ctx.node, deps)], set()
+    while todo:
+        v, dv = todo.pop()
+        for u in v.users:
+            if (u, dv) in seen:
+                continue
+            seen.add((u, dv))
+            du = _scalar_step(ctx, u, v, dv)
+            if du is not None:
+                todo.append((u, du))
+            elif not _is_size_argument(u, v):
+                for d in sorted(_flat(dv)):
+                    why.setdefault(d, f"the size of dim {d} of %{x.name} is used as a value by "
+                                      f"{describe(u)} (%{u.name}): pruning the dim would change "
+                                      f"that value")
+    for d, reason in sorted(why.items()):
+        yield Freeze(ctx.space(x, d), reason)
+
+
+#: What each query reads: ``"dim"`` (the one dim asked for, or all as a tuple), ``"all"`` (a
+#: value of every size), ``None`` (metadata that pruning does not change).
+_QUERIES = {"size": "dim", "sym_size": "dim", "len": "first", "numel": "all", "nelement": "all",
+            "sym_numel": "all", "sym_stride": "all", "sym_storage_offset": "all",
+            "is_contiguous": "all"}
+
+
 @register("size", "dim", "numel", "nelement", "ndimension", "element_size", "get_device",
           "is_contiguous", "is_floating_point", torch.numel, len, torch.is_tensor,
           torch.is_floating_point)
 class ShapeQueryRule(OpRule):
-    """Queries of a tensor's metadata: they read sizes, so nothing is coupled or frozen."""
+    """Queries of a tensor's metadata. A queried dim stays free while its size only feeds shape
+    arguments (``x.view(B, x.size(1), -1)``: the apply pass rewrites them); where it is used as
+    a value (``h.sum(-1) / h.size(-1)``, ``q.size(-1) ** -0.5``) the dim is frozen, since
+    pruning it would change that value (see :func:`size_value_freezes`)."""
 
     freezes_unmentioned = False
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        x = ctx.arg(0, "input")
+        sx = ctx.shape(x)
+        kind = _QUERIES.get(op_name(ctx.node.target))
+        if sx is None or kind is None or not sx:
+            return
+        if kind == "first":
+            deps: SizeDeps = frozenset({0})
+        elif kind == "all":
+            deps = frozenset(range(len(sx)))
+        else:
+            d = ctx.value(ctx.arg(1, "dim"))
+            deps = (tuple(frozenset({k}) for k in range(len(sx))) if d is None
+                    else frozenset({d % len(sx)}))
+        yield from size_value_freezes(ctx, x, deps)
 
 
 _FACTORIES = ("new_zeros", "new_ones", "new_full")
@@ -230,6 +383,15 @@ class FactoryRule(OpRule):
         yield from touch(ctx, ctx.node)
         if op_name(ctx.node.target) in _FACTORIES:
             yield from touch(ctx, ctx.arg(0, "self"))
+
+    def size_args(self, node: fx.Node) -> set:
+        """The sizes ``update`` rewrites: every argument but ``new_*``'s tensor and ``full``'s
+        fill value."""
+        name = op_name(node.target)
+        first = 1 if name in _FACTORIES else 0
+        if name in ("full", "new_full"):
+            return {first, "size"}
+        return {*range(first, len(node.args)), "size"}
 
     def update(self, actx: Any) -> None:
         node, new = actx.node, actx.new_shape(actx.node)
@@ -320,6 +482,13 @@ class SplitRule(OpRule):
             yield Couple(ctx.space(x, dim), ctx.item(k, dim), off + np.arange(s[dim]),
                          np.arange(s[dim]))
             off += s[dim]
+
+    def size_args(self, node: fx.Node) -> set:
+        """``split``'s sizes, which ``update`` replaces by the pruned ones (a ``chunk`` count
+        and ``tensor_split``'s indices are not sizes)."""
+        if op_name(node.target) in ("split", "split_with_sizes"):
+            return {1, "split_size_or_sections", "split_size", "split_sizes"}
+        return set()
 
     def update(self, actx: Any) -> None:
         node = actx.node
@@ -485,6 +654,14 @@ class ExpandRule(OpRule):
         yield from broadcast(ctx, [x], ctx.node)
         if op_name(ctx.node.target) == "expand_as":
             yield from ctx.identity(ctx.arg(1, "other"), ctx.node)
+
+    def size_args(self, node: fx.Node) -> set:
+        """The sizes ``update`` rewrites (``expand``'s, ``broadcast_to``'s)."""
+        if op_name(node.target) == "expand_as":
+            return set()
+        if isinstance(node.target, torch._ops.OpOverload):  # aten.expand(x, size, implicit)
+            return {1, "size"}
+        return {*range(1, len(node.args)), "size"}
 
     def update(self, actx: Any) -> None:
         node = actx.node
