@@ -2,17 +2,25 @@
 
 The file is one safetensors file: the tensors (parameters, buffers, tensor constants) plus, in its
 metadata, a JSON spec of the module tree (class path and plain attributes of every submodule)
-and of the fx graph (op, target, args of every node). Loading rebuilds the modules and the
-``fx.GraphModule``. Only functions and classes from ``torch``, ``operator``, ``math`` and
-``builtins`` are resolved, plus registered operators (``torch.ops.aten.conv2d.default``, in graphs
-captured by ``torch.export``), so loading a file never runs code that is not already installed.
+and of the fx graph (op, target, args of every node), and of every nested ``GraphModule``
+(the branches of higher-order ops such as ``wrap_with_autocast`` or ``cond`` in graphs captured
+by ``torch.export``). Loading rebuilds the modules and the ``fx.GraphModule``. Only functions and
+classes from ``torch``, ``operator``, ``math`` and ``builtins`` are resolved, plus registered
+operators (``torch.ops.aten.conv2d.default``, ``torch.ops.higher_order.cond``), so loading a file
+never runs code that is not already installed.
+
+A module's attributes are what its class's own ``__getstate__`` gives (as for pickle), and they
+are put back through its ``__setstate__``: derived state is rebuilt by the class itself (an
+``nn.LSTM`` re-creates its weight references there). Attributes that hold the model's own
+tensors (``nn.LSTM._flat_weights``) are stored as references to them by qualified name.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import math
-from typing import Any
+import reprlib
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -30,19 +38,50 @@ class SerializationError(StructpruneError):
 
 
 # --- values ------------------------------------------------------------------------------------
-def _enc(v: Any, where: str) -> Any:
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+
+
+def _describe(v: Any) -> str:
+    """A short description of ``v`` for an error message: a tensor by type, shape and dtype,
+    anything else by type and a repr cut to a few dozen characters."""
+    if isinstance(v, torch.Tensor):
+        dtype = str(v.dtype).replace("torch.", "")
+        return f"{type(v).__name__} of shape {tuple(v.shape)} ({dtype})"
+    if isinstance(v, (list, tuple, dict, set)) and any(
+            isinstance(x, torch.Tensor) for x in (v.values() if isinstance(v, dict) else v)):
+        return f"{type(v).__name__} of {len(v)} items holding tensors"
+    try:
+        text = _SHORT.repr(v)
+    except Exception:  # a broken __repr__ must not hide the real error
+        text = "?"
+    return f"{type(v).__name__} ({text})"
+
+
+def _enc(v: Any, where: str, refs: Optional[dict[int, str]] = None) -> Any:
+    """JSON for ``v``; ``refs`` maps the model's own tensors (by ``id``) to their names, which
+    are stored in their place."""
     if v is None or isinstance(v, (bool, int, str)):
         return v
     if isinstance(v, float):
         return {"float": repr(v)} if (math.isinf(v) or math.isnan(v)) else v
     if isinstance(v, fx.Node):
         return {"node": v.name}
+    if isinstance(v, torch.Tensor):
+        if refs is not None and id(v) in refs:
+            return {"tensor": refs[id(v)]}
+        raise SerializationError(
+            f"{where}: cannot store this {_describe(v)}: it is none of the model's parameters, "
+            f"buffers or tensor attributes. Register it (module.register_buffer) to keep it.")
     if isinstance(v, tuple):
-        return {"tuple": [_enc(x, where) for x in v]}
+        return {"tuple": [_enc(x, f"{where}[{i}]", refs) for i, x in enumerate(v)]}
     if isinstance(v, list):
-        return [_enc(x, where) for x in v]
+        return [_enc(x, f"{where}[{i}]", refs) for i, x in enumerate(v)]
     if isinstance(v, dict):
-        return {"dict": [[_enc(k, where), _enc(x, where)] for k, x in v.items()]}
+        return {"dict": [[_enc(k, where, refs), _enc(x, f"{where}[{k!r:.40}]", refs)]
+                         for k, x in v.items()]}
     if isinstance(v, slice):
         return {"slice": [_enc(v.start, where), _enc(v.stop, where), _enc(v.step, where)]}
     if v is Ellipsis:
@@ -59,23 +98,34 @@ def _enc(v: Any, where: str) -> Any:
         return {"op": f"{v.namespace}.{v._schema.name.split('::', 1)[-1]}.{v._overloadname}"}
     if isinstance(v, torch._ops.OpOverloadPacket):  # torch.ops.aten.conv2d
         return {"op": v._qualified_op_name.replace("::", ".", 1)}
+    if isinstance(v, torch._ops.HigherOrderOperator):  # torch.ops.higher_order.cond
+        path = f"{v.namespace}.{v.name()}"
+        if _resolve_op(path, check_only=True) is not v:
+            raise SerializationError(f"{where}: the higher-order operator {v.name()} is not "
+                                     f"registered as torch.ops.{path}, so it cannot be stored")
+        return {"op": path}
     if callable(v):
         return {"fn": _qualname(v, where)}
-    raise SerializationError(f"{where}: cannot store a {type(v).__name__} ({v!r})")
+    raise SerializationError(f"{where}: cannot store this {_describe(v)} (only plain Python "
+                             f"values, torch dtypes and devices, torch functions and the model's "
+                             f"own tensors can be)")
 
 
-def _dec(v: Any, nodes: dict[str, fx.Node]) -> Any:
+def _dec(v: Any, nodes: dict[str, fx.Node], root: Optional[nn.Module] = None) -> Any:
+    """Inverse of :func:`_enc`; tensor references are looked up in ``root``."""
     if isinstance(v, list):
-        return [_dec(x, nodes) for x in v]
+        return [_dec(x, nodes, root) for x in v]
     if not isinstance(v, dict):
         return v
     (tag, x), = v.items()
     if tag == "node":
         return nodes[x]
+    if tag == "tensor":
+        return _tensor_at(root, x)
     if tag == "tuple":
-        return tuple(_dec(y, nodes) for y in x)
+        return tuple(_dec(y, nodes, root) for y in x)
     if tag == "dict":
-        return {_dec(k, nodes): _dec(y, nodes) for k, y in x}
+        return {_dec(k, nodes, root): _dec(y, nodes, root) for k, y in x}
     if tag == "slice":
         return slice(*(_dec(y, nodes) for y in x))
     if tag == "ellipsis":
@@ -101,8 +151,9 @@ def _qualname(obj: Any, where: str) -> str:
         for name in names:
             if m and name and _resolve(f"{m}:{name}", check_only=True) is obj:
                 return f"{m}:{name}"
-    raise SerializationError(f"{where}: {mod}.{names[0]} cannot be stored by name (only torch, "
-                             f"operator, math and builtins objects are)")
+    name = names[0] or names[1] or type(obj).__name__
+    raise SerializationError(f"{where}: {mod + '.' if mod else ''}{name:.80} cannot be stored by "
+                             f"name (only torch, operator, math and builtins objects are)")
 
 
 def _resolve(path: str, check_only: bool = False) -> Any:
@@ -123,92 +174,214 @@ def _resolve(path: str, check_only: bool = False) -> Any:
     return obj
 
 
-def _resolve_op(path: str) -> Any:
-    """``"aten.conv2d.default"`` -> ``torch.ops.aten.conv2d.default`` (an already registered
-    operator: looking it up runs no code)."""
+def _resolve_op(path: str, check_only: bool = False) -> Any:
+    """``"aten.conv2d.default"`` -> ``torch.ops.aten.conv2d.default``, ``"higher_order.cond"``
+    -> ``torch.ops.higher_order.cond`` (already registered operators: looking one up runs no
+    code beyond importing torch's own higher-order operators)."""
     ns, _, rest = path.partition(".")
     name, _, overload = rest.partition(".")
     try:
         space = getattr(torch.ops, ns)
-        if not isinstance(space, torch._ops._OpNamespace):  # torch.ops.load_library & co.
+        if isinstance(space, torch._ops._HigherOrderNamespace):
+            if overload:
+                raise AttributeError(f"higher-order operators have no overloads ({overload})")
+            if not hasattr(space, name):  # registered when torch's module defining it loads
+                importlib.import_module("torch._higher_order_ops")
+            op = getattr(space, name)
+        elif isinstance(space, torch._ops._OpNamespace):
+            packet = getattr(space, name)
+            op = getattr(packet, overload) if overload else packet
+        else:  # torch.ops.load_library & co.
             raise AttributeError(f"{ns} is not an operator namespace")
-        packet = getattr(space, name)
-        op = getattr(packet, overload) if overload else packet
-    except (AttributeError, RuntimeError) as exc:
+    except (AttributeError, RuntimeError, ImportError) as exc:
+        if check_only:
+            return None
         raise SerializationError(f"unknown operator torch.ops.{path}: {exc}") from exc
-    if not isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+    if not isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket,
+                           torch._ops.HigherOrderOperator)):
+        if check_only:
+            return None
         raise SerializationError(f"torch.ops.{path} is not an operator")
     return op
 
 
+def _tensor_at(root: Optional[nn.Module], qual: str) -> torch.Tensor:
+    """The tensor stored under ``qual`` (a parameter, buffer or tensor attribute of a module)."""
+    parent, _, name = qual.rpartition(".")
+    try:
+        owner = root.get_submodule(parent) if parent else root  # type: ignore[union-attr]
+        t = getattr(owner, name)
+    except AttributeError as exc:
+        raise SerializationError(f"the file refers to a tensor '{qual}' it does not hold") from exc
+    if not isinstance(t, torch.Tensor):
+        raise SerializationError(f"the file refers to '{qual}' as a tensor, but it is a "
+                                 f"{type(t).__name__}")
+    return t
+
+
 # --- save --------------------------------------------------------------------------------------
-def _as_graph_module(model: nn.Module) -> fx.GraphModule:
+def _as_graph_module(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
+    """``model`` itself when it is a GraphModule, else its capture: by torch.fx, or by
+    torch.export on ``example_inputs`` where fx cannot trace it."""
     if isinstance(model, fx.GraphModule):
         return model
-    from .graph.trace import capture
+    from .errors import TraceError
+    from .graph.trace import adopt_tensors, capture, normalize_inputs
     from .ops.registry import registry
 
-    return capture(model, registry())
+    inputs = normalize_inputs(example_inputs) if example_inputs is not None else None
+    try:
+        gm = capture(model, registry(), example_inputs=inputs)
+    except TraceError as exc:
+        if inputs is not None:
+            raise
+        said = " ".join(str(exc).split())
+        said = said if len(said) <= 400 else said[:400] + " ..."
+        raise SerializationError(
+            f"{type(model).__name__} is not an fx.GraphModule and torch.fx cannot trace it; "
+            f"pass the example inputs (sp.save(model, path, example_inputs=x)) so that it can "
+            f"be captured with torch.export. torch.fx said: {said}") from exc
+    adopt_tensors(gm, model)  # tensors the graph does not read stay in the state dict
+    return gm
 
 
-def _module_spec(path: str, m: nn.Module) -> dict:
+def _tensor_table(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, dict],
+                                                dict[int, str]]:
+    """The tensors to write, what each key is, and every tensor object's first key.
+
+    A tensor held twice (tied weights, an attribute that is also a parameter) is written once;
+    its other places say ``same_as`` the first.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    kinds: dict[str, dict] = {}
+    refs: dict[int, str] = {}
+    storages: set[int] = set()
+
+    def add(key: str, t: Optional[torch.Tensor], info: dict) -> None:
+        if t is None:
+            kinds[key] = info
+            return
+        if id(t) in refs:
+            kinds[key] = {**info, "same_as": refs[id(t)]}
+            return
+        refs[id(t)] = key
+        data = t.detach().cpu().contiguous()
+        if data.untyped_storage().data_ptr() in storages:  # a view of another tensor
+            data = data.clone()
+        storages.add(data.untyped_storage().data_ptr())
+        tensors[key] = data
+        kinds[key] = info
+
+    for p, m in gm.named_modules():
+        for name, t in m._parameters.items():
+            info = ({"kind": "none_param"} if t is None else
+                    {"kind": "param", "grad": bool(t.requires_grad)})
+            add(f"{p}.{name}" if p else name, t, info)
+        for name, t in m._buffers.items():
+            info = ({"kind": "none_buffer"} if t is None else
+                    {"kind": "buffer", "persistent": name not in m._non_persistent_buffers_set})
+            add(f"{p}.{name}" if p else name, t, info)
+        for name, v in vars(m).items():  # plain tensor attributes (fx tensor constants)
+            if isinstance(v, torch.Tensor):
+                add(f"{p}.{name}" if p else name, v, {"kind": "attr"})
+    return tensors, kinds, refs
+
+
+def _graph_spec(gm: fx.GraphModule, where: str) -> list[dict]:
+    if type(gm.graph._codegen) is not fx.graph.CodeGen:
+        raise SerializationError(f"{where}: its graph has a custom code generator "
+                                 f"({type(gm.graph._codegen).__name__}), which is not stored")
+    nodes = []
+    for n in gm.graph.nodes:
+        at = f"{where} node {n.name}"
+        target = _enc(n.target, at) if n.op == "call_function" else n.target
+        nodes.append({"name": n.name, "op": n.op, "target": target,
+                      "args": _enc(n.args, at), "kwargs": _enc(dict(n.kwargs), at)})
+    return nodes
+
+
+def _module_spec(path: str, m: nn.Module, refs: dict[int, str]) -> dict:
     cls = type(m)
-    if isinstance(m, fx.GraphModule):
-        return {"class": "torch.nn.modules.module:Module", "attrs": {}}
     where = f"module '{path}' ({cls.__name__})"
-    attrs = {k: _enc(v, f"{where}.{k}") for k, v in vars(m).items()
-             if k not in _BASE_KEYS and not isinstance(v, (torch.Tensor, nn.Module))}
+    if isinstance(m, fx.GraphModule):  # a higher-order op's branch: its graph, recursively
+        return {"class": "torch.nn.modules.module:Module", "attrs": {},
+                "class_name": cls.__name__, "graph": _graph_spec(m, where)}
+    state = m.__getstate__()  # as pickle sees it: without what the class rebuilds itself
+    if not isinstance(state, dict):
+        raise SerializationError(f"{where}: its __getstate__ returns a {type(state).__name__}, "
+                                 f"not a dict of attributes")
+    own = vars(m)
+    attrs = {k: _enc(v, f"{where}.{k}", refs) for k, v in state.items()
+             if k not in _BASE_KEYS and not (isinstance(v, torch.Tensor) and own.get(k) is v)}
     return {"class": _qualname(cls, where), "attrs": attrs}
 
 
-def save(model: nn.Module, path: str) -> None:
-    """Write ``model`` (a pruned ``GraphModule`` or any traceable model) to ``path``.
+def save(model: nn.Module, path: str, example_inputs: Any = None) -> None:
+    """Write ``model`` (a pruned ``GraphModule`` or any capturable model) to ``path``.
+
+    A model that is not a ``GraphModule`` (an unpruned model, or a pruned one of your own
+    class) is captured first: by torch.fx, or, where fx cannot trace it, by torch.export on
+    ``example_inputs`` (a tensor, a tuple of inputs or a dict of keyword inputs, as for
+    :func:`structprune.prune`). The file then holds that graph, specialised like any export
+    capture to eval mode and to the example shapes.
 
     Raises:
         SerializationError: a submodule class or graph function lives outside torch/operator/
-            math/builtins (it could not be rebuilt without its code), naming it.
+            math/builtins (it could not be rebuilt without its code), or an attribute holds a
+            value that cannot be stored, naming the module and the attribute; or fx cannot trace
+            the model and no ``example_inputs`` were given.
     """
     from safetensors.torch import save_file
 
-    gm = _as_graph_module(model)
-    modules = {p: _module_spec(p, m) for p, m in gm.named_modules() if p}
-    tensors, kinds = {}, {}
-    for p, m in gm.named_modules():
-        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
-            key = f"{p}.{name}" if p else name
-            if t is None:
-                kinds[key] = {"kind": "none_param" if name in m._parameters else "none_buffer"}
-                continue
-            tensors[key] = t.detach().contiguous().cpu()
-            kinds[key] = {"kind": "param" if name in m._parameters else "buffer",
-                          "grad": bool(t.requires_grad),
-                          "persistent": name not in m._non_persistent_buffers_set}
-        for name, v in vars(m).items():  # plain tensor attributes (fx tensor constants)
-            if isinstance(v, torch.Tensor) and name not in ("_parameters", "_buffers"):
-                key = f"{p}.{name}" if p else name
-                tensors[key] = v.detach().contiguous().cpu()
-                kinds[key] = {"kind": "attr"}
-    nodes = []
-    for n in gm.graph.nodes:
-        where = f"node {n.name}"
-        target = _enc(n.target, where) if n.op == "call_function" else n.target
-        nodes.append({"name": n.name, "op": n.op, "target": target,
-                      "args": _enc(n.args, where), "kwargs": _enc(dict(n.kwargs), where)})
+    gm = _as_graph_module(model, example_inputs)
+    tensors, kinds, refs = _tensor_table(gm)
+    modules: dict[str, dict] = {}
+    first: dict[int, str] = {}
+    for p, m in gm.named_modules(remove_duplicate=False):
+        if not p:
+            continue
+        if id(m) in first:  # one module at two paths
+            modules[p] = {"same_as": first[id(m)]}
+        else:
+            first[id(m)] = p
+            modules[p] = _module_spec(p, m, refs)
     spec = {"format": FORMAT, "class_name": type(model).__name__, "modules": modules,
-            "tensors": kinds, "graph": nodes, "training": model.training}
+            "tensors": kinds, "graph": _graph_spec(gm, "the model's graph"),
+            "training": model.training}
     save_file(tensors, path, metadata={"structprune": json.dumps(spec)})
 
 
 # --- load --------------------------------------------------------------------------------------
-def _build_module(spec: dict, where: str) -> nn.Module:
+def _new_module(spec: dict, where: str) -> nn.Module:
+    """An empty instance of the spec's class (attributes come later, see :func:`load`)."""
     cls = _resolve(spec["class"])
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise SerializationError(f"{where}: {spec['class']} is not an nn.Module class")
     m = cls.__new__(cls)
     nn.Module.__init__(m)
-    for k, v in spec["attrs"].items():
-        object.__setattr__(m, k, _dec(v, {}))
     return m
+
+
+def _build_graph(nodes_spec: list[dict]) -> fx.Graph:
+    graph = fx.Graph()
+    nodes: dict[str, fx.Node] = {}
+    for ns in nodes_spec:
+        target = _dec(ns["target"], nodes)
+        nodes[ns["name"]] = graph.create_node(ns["op"], target, _dec(ns["args"], nodes),
+                                              _dec(ns["kwargs"], nodes), name=ns["name"])
+    return graph
+
+
+def _graph_module(holder: nn.Module, nodes_spec: list[dict], name: str) -> fx.GraphModule:
+    from .graph.trace import adopt_tensors
+
+    gm = fx.GraphModule(holder, _build_graph(nodes_spec), name)
+    adopt_tensors(gm, holder)  # tensors no node reads (e.g. an exported BatchNorm's counter)
+    return gm
+
+
+def _depth(path: str) -> int:
+    return path.count(".")
 
 
 def load(path: str, map_location: str = "cpu") -> fx.GraphModule:
@@ -223,35 +396,47 @@ def load(path: str, map_location: str = "cpu") -> fx.GraphModule:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if spec.get("format") != FORMAT:
         raise SerializationError(f"{path}: unsupported format {spec.get('format')!r}")
+    mods = spec["modules"]
+    real = sorted((p for p in mods if "same_as" not in mods[p]), key=_depth)
     root = nn.Module()
-    for p in sorted(spec["modules"], key=lambda s: s.count(".")):
+    for p in real:  # 1. the module tree, parents first
         parent, _, name = p.rpartition(".")
         owner = root.get_submodule(parent) if parent else root
-        owner.add_module(name, _build_module(spec["modules"][p], f"module '{p}'"))
-    for key, info in spec["tensors"].items():
+        owner.add_module(name, _new_module(mods[p], f"module '{p}'"))
+    for key, info in spec["tensors"].items():  # 2. its tensors
         parent, _, name = key.rpartition(".")
         owner = root.get_submodule(parent) if parent else root
-        t = tensors.get(key)
-        if info["kind"] == "none_param":
+        kind = info["kind"]
+        t = _tensor_at(root, info["same_as"]) if "same_as" in info else tensors.get(key)
+        if kind == "none_param":
             owner.register_parameter(name, None)
-        elif info["kind"] == "none_buffer":
+        elif kind == "none_buffer":
             owner.register_buffer(name, None)
-        elif info["kind"] == "param":
-            owner.register_parameter(name, nn.Parameter(t, requires_grad=info["grad"]))
-        elif info["kind"] == "buffer":
+        elif kind == "param":
+            if not isinstance(t, nn.Parameter):
+                t = nn.Parameter(t, requires_grad=info["grad"])
+            owner.register_parameter(name, t)
+        elif kind == "buffer":
             owner.register_buffer(name, t, persistent=info["persistent"])
         else:
             object.__setattr__(owner, name, t)
-    graph = fx.Graph()
-    nodes: dict[str, fx.Node] = {}
-    for ns in spec["graph"]:
-        target = _dec(ns["target"], nodes)
-        n = graph.create_node(ns["op"], target, _dec(ns["args"], nodes),
-                              _dec(ns["kwargs"], nodes), name=ns["name"])
-        nodes[ns["name"]] = n
-    gm = fx.GraphModule(root, graph, spec["class_name"])
-    from .graph.trace import adopt_tensors
-
-    adopt_tensors(gm, root)  # tensors no node reads (e.g. an exported BatchNorm's counter)
+    for p in real:  # 3. attributes, through the class's own __setstate__ (derived state)
+        m = root.get_submodule(p)
+        state = dict(m.__dict__)
+        state.update({k: _dec(v, {}, root) for k, v in mods[p]["attrs"].items()})
+        m.__setstate__(state)
+    for p in sorted((p for p in mods if "same_as" in mods[p]), key=_depth):  # 4. shared ones
+        parent, _, name = p.rpartition(".")
+        owner = root.get_submodule(parent) if parent else root
+        if name not in owner._modules:  # else it lies inside a shared module, already there
+            owner.add_module(name, root.get_submodule(mods[p]["same_as"]))
+    for p in sorted((p for p in real if "graph" in mods[p]), key=_depth, reverse=True):
+        holder = root.get_submodule(p)  # 5. nested graphs (higher-order ops), innermost first
+        sub = _graph_module(holder, mods[p]["graph"], mods[p].get("class_name", "GraphModule"))
+        for m in root.modules():
+            for k, child in list(m._modules.items()):
+                if child is holder:
+                    m._modules[k] = sub
+    gm = _graph_module(root, spec["graph"], spec["class_name"])
     gm.train(spec.get("training", False))
     return gm

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import structprune as sp
 from tests.graph.test_export_fallback import ResidualShapeIf
+from tests.test_io import AutocastNet
 
 
 class ConvAttention(nn.Module):
@@ -48,9 +49,13 @@ def _models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     fx_pruned = _pruned(ConvAttention(), x)
     export_pruned = _pruned(ResidualShapeIf(), x_exp)
     assert export_pruned.meta.get("structprune_capture") == "export"  # the fallback, really
+    # Export captures the autocast region as a higher-order op with a nested GraphModule.
+    x_auto = torch.randn(2, 3, 8, 8)
+    autocast_pruned = _pruned(AutocastNet(), x_auto)
+    assert any(isinstance(m, fx.GraphModule) for _, m in autocast_pruned.named_children())
     traced = sp.trace(ConvAttention().eval(), x).graph_module
     return {"fx_pruned": (fx_pruned, x), "export_pruned": (export_pruned, x_exp),
-            "traced": (traced, x)}
+            "export_autocast": (autocast_pruned, x_auto), "traced": (traced, x)}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,7 @@ def _same(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
         torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["fx_pruned", "export_pruned", "traced"])
+@pytest.mark.parametrize("name", ["fx_pruned", "export_pruned", "export_autocast", "traced"])
 def test_pickle_deepcopy_and_torch_save(models, name):
     model, x = models[name]
     again = pickle.loads(pickle.dumps(model))
