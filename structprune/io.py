@@ -140,7 +140,7 @@ def _dec(v: Any, nodes: dict[str, fx.Node], root: Optional[nn.Module] = None) ->
         return _resolve(x)
     if tag == "op":
         return _resolve_op(x)
-    raise SerializationError(f"unknown tag {tag!r} in the file")
+    raise SerializationError(f"unknown tag {tag!r:.60} in the file")
 
 
 def _qualname(obj: Any, where: str) -> str:
@@ -161,7 +161,7 @@ def _resolve(path: str, check_only: bool = False) -> Any:
     if not mod.split(".")[0] in _SAFE_PREFIXES:
         if check_only:
             return None
-        raise SerializationError(f"refusing to import {path}: only torch, operator, math and "
+        raise SerializationError(f"refusing to import {path:.120}: only torch, operator, math and "
                                  f"builtins are resolved when loading")
     try:
         obj: Any = importlib.import_module(mod)
@@ -170,7 +170,7 @@ def _resolve(path: str, check_only: bool = False) -> Any:
     except (ImportError, AttributeError) as exc:
         if check_only:
             return None
-        raise SerializationError(f"cannot resolve {path}: {exc}") from exc
+        raise SerializationError(f"cannot resolve {path:.120}: {exc}") from exc
     return obj
 
 
@@ -196,12 +196,12 @@ def _resolve_op(path: str, check_only: bool = False) -> Any:
     except (AttributeError, RuntimeError, ImportError) as exc:
         if check_only:
             return None
-        raise SerializationError(f"unknown operator torch.ops.{path}: {exc}") from exc
+        raise SerializationError(f"unknown operator torch.ops.{path:.120}: {exc}") from exc
     if not isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket,
                            torch._ops.HigherOrderOperator)):
         if check_only:
             return None
-        raise SerializationError(f"torch.ops.{path} is not an operator")
+        raise SerializationError(f"torch.ops.{path:.120} is not an operator")
     return op
 
 
@@ -356,7 +356,7 @@ def _new_module(spec: dict, where: str) -> nn.Module:
     """An empty instance of the spec's class (attributes come later, see :func:`load`)."""
     cls = _resolve(spec["class"])
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise SerializationError(f"{where}: {spec['class']} is not an nn.Module class")
+        raise SerializationError(f"{where}: {spec['class']:.120} is not an nn.Module class")
     m = cls.__new__(cls)
     nn.Module.__init__(m)
     return m
@@ -395,7 +395,7 @@ def load(path: str, map_location: str = "cpu") -> fx.GraphModule:
         spec = json.loads(meta["structprune"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if spec.get("format") != FORMAT:
-        raise SerializationError(f"{path}: unsupported format {spec.get('format')!r}")
+        raise SerializationError(f"{path}: unsupported format {spec.get('format')!r:.60}")
     mods = spec["modules"]
     real = sorted((p for p in mods if "same_as" not in mods[p]), key=_depth)
     root = nn.Module()
