@@ -181,8 +181,8 @@ def _cmd_prune(a: argparse.Namespace) -> dict:
         if not a.json:
             print(rep)
         return {"output": None, **rep.to_dict()}
-    try:
-        save(pruned, a.output)
+    try:  # the inputs let save() capture, with torch.export, a model that fx cannot trace
+        save(pruned, a.output, example_inputs=x)
     except OSError as exc:
         raise _Error(f"cannot write {a.output!r}: {exc.strerror or exc}") from exc
     if not a.json:

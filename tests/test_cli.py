@@ -221,3 +221,20 @@ def test_a_model_with_nothing_to_prune_exits_3(run_cli, tmp_path):
                              "-o", str(tmp_path / "o.sp"))
     assert code == 3, err
     assert "structprune: warning:" in err and "Traceback" not in err
+
+
+def test_allow_noop_writes_a_model_that_only_torch_export_captures(run_cli, tmp_path):
+    # Nothing prunes, so sp.prune hands back the LSTM itself; fx cannot trace nn.LSTM's forward
+    # (it branches on input.dim()), so saving it needs the example inputs for torch.export.
+    out_file = str(tmp_path / "o.sp")
+    code, out, err = run_cli("prune", "F.py:lstm_only", "--shape", "2,4,6", "--seed", "1",
+                             "-o", out_file, "--allow-noop", "--json")
+    assert code == 0, err
+    assert json.loads(out)["output"] == out_file and os.path.exists(out_file)
+    assert [w["type"] for w in json.loads(out)["warnings"]] == ["NothingPrunedWarning"]
+    torch.manual_seed(1)  # --seed 1 seeds before the factory builds the model
+    model = torch.nn.LSTM(6, 5, batch_first=True).eval()
+    x = torch.randn(2, 4, 6)
+    got, want = sp.load(out_file)(x), model(x)
+    assert torch.allclose(got[0], want[0], atol=1e-6)
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got[1], want[1]))
