@@ -559,6 +559,7 @@ def _transplant(model: nn.Module, pruned: nn.Module,
             for k, v in vars(new).items():  # its attributes, not its tensors
                 if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module)):
                     setattr(mod, k, v)
+    changed: set[str] = set()
     for qual, t in list(pruned.named_parameters()) + list(pruned.named_buffers()):
         old = own.get(qual)
         if old is None or old is t or old.shape == t.shape:
@@ -568,3 +569,35 @@ def _transplant(model: nn.Module, pruned: nn.Module,
                             f"by torch.export; rebuild the optimizer after pruning")
         old.data = t.detach()
         old.grad = None
+        changed.add(qual.rpartition(".")[0])
+    _sync_module_attributes(model, changed)
+
+
+class _ModuleOnly:
+    """An apply context with only a module: enough for the module rules whose ``update`` reads
+    nothing but the module's own (already sliced) tensors (conv, linear, batch norm, ...)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.node = None
+
+
+def _sync_module_attributes(model: nn.Module, paths: set[str]) -> None:
+    """Bring the attributes of the modules under ``paths`` (``out_channels``, ``num_features``)
+    in line with their sliced tensors, through each module's rule (an export graph does not call
+    the modules, so the apply pass did not). Rules that need the graph leave theirs as is."""
+    from .ops.registry import registry
+    from .ops.registry import _module_rule
+
+    rules = registry()
+    for path in paths:
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        rule = _module_rule(mod, rules)
+        if rule is not None:
+            try:
+                rule.update(_ModuleOnly(mod))
+            except Exception:  # the rule reads the graph (GroupNorm): its attributes stay
+                pass

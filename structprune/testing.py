@@ -195,7 +195,7 @@ def assert_rule(model: nn.Module, example_inputs: Any, drop: Optional[dict] = No
         from .io import load, save
 
         with tempfile.TemporaryDirectory() as d:
-            save(pruned, os.path.join(d, "m.sp"))
+            save(pruned, os.path.join(d, "m.sp"), example_inputs=example_inputs)
             again = load(os.path.join(d, "m.sp"))
             sd0, sd1 = pruned.state_dict(), again.state_dict()
             # A model of the user's class is saved as its graph, which may hold tensor

@@ -228,3 +228,21 @@ def test_unstorable_argument_is_refused_naming_it():
 
     with pytest.raises(sp.TraceError, match="argument 'cfg'"):
         sp.trace(WithCfg(), (torch.randn(2, 4), {"k": 1}))
+
+
+def test_in_place_on_an_export_captured_model_updates_module_attributes():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3)
+
+        def forward(self, x):
+            if x.shape[-1] > 4:  # fx cannot trace this: torch.export captures it
+                x = x * 2
+            return self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+    m = Branchy().eval()
+    w = m.conv1.weight
+    sp.prune_(m, torch.randn(2, 3, 10, 10), ratio=0.5)
+    assert m.conv1.weight is w and w.shape[0] == 4
+    assert (m.conv1.out_channels, m.bn.num_features, m.conv2.in_channels) == (4, 4, 4)
