@@ -120,7 +120,7 @@ def load_model(spec: str, shapes: Sequence[tuple[int, ...]],
         raise _Error("give --shape (e.g. --shape 1,3,224,224) for the example input")
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    return model.eval(), tuple(inputs)
+    return model.eval(), (dict(inputs) if isinstance(inputs, dict) else tuple(inputs))
 
 
 def _writable(path: str) -> str:
@@ -176,7 +176,7 @@ def _cmd_prune(a: argparse.Namespace) -> dict:
     for w in caught:  # on to main(), which prints them
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     a.nothing_pruned = any(issubclass(w.category, NothingPrunedWarning) for w in caught)
-    rep = report(model, pruned, x)
+    rep = report(model, pruned, x, ignore=[modules[n] for n in a.ignore])
     if a.nothing_pruned and not a.allow_noop:  # refused: main() exits 3, nothing is written
         if not a.json:
             print(rep)
@@ -283,7 +283,7 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     common(q)
     q.add_argument("-o", "--output", required=True, help="where to write the pruned model (.sp)")
-    q.add_argument("--ratio", type=float, default=0.5, help="fraction of units removed per group")
+    q.add_argument("--ratio", type=float, default=None, help="fraction of units removed per group (default 0.5)")
     q.add_argument("--target-macs", type=float, default=None, help="fraction of MACs to keep")
     q.add_argument("--importance", default="l2", help="l1 l2 random bn_scale fpgm lamp ...")
     q.add_argument("--global", dest="global_", action="store_true", help="rank units globally")

@@ -238,3 +238,14 @@ def test_allow_noop_writes_a_model_that_only_torch_export_captures(run_cli, tmp_
     got, want = sp.load(out_file)(x), model(x)
     assert torch.allclose(got[0], want[0], atol=1e-6)
     assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got[1], want[1]))
+
+
+def test_target_macs_alone_does_not_warn_about_ratio_and_ignore_shows_in_report(tmp_path, capsys):
+    from structprune.cli import main
+
+    out = tmp_path / "m.sp"
+    rc = main(["prune", "models:get", "--arg", "name=resnet20", "--shape", "1,3,32,32",
+               "--target-macs", "0.5", "--ignore", "layer1.0.conv1", "-o", str(out), "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert rc == 0 and not d.get("warnings") and d["macs"]["kept"] <= 0.5
+    assert any(g["ignored"] for g in d["groups"])
