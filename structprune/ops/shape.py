@@ -104,6 +104,29 @@ def fix_sizes(actx: Any, sizes: Sequence[Any], expected: Sequence[int]) -> list[
     return out
 
 
+def fixed_sizes(actx: Any, sizes: Sequence[Any], expected: Sequence[int]) -> Optional[list[Any]]:
+    """:func:`fix_sizes`, or None when every size already matches (nothing to rewrite)."""
+    out = fix_sizes(actx, sizes, expected)
+    return None if all(a is b for a, b in zip(out, sizes)) else out
+
+
+def fixed_size_arg(actx: Any, a: Any, expected: Sequence[int]) -> Any:
+    """One size argument (a list/tuple of sizes, or a node holding a ``torch.Size``) fixed to
+    ``expected``, or None when its value already matches.
+
+    The check compares values, not the node's old and new shapes: a size read from a tensor of
+    another group (``y.view(B, x.size(1))``) may change while this node's shape does not.
+    """
+    if isinstance(a, (list, tuple)):
+        out = fixed_sizes(actx, a, expected)
+        return None if out is None else type(a)(out)
+    v = actx.value(a)
+    if isinstance(v, (list, tuple)) and len(v) == len(expected) and all(
+            x == -1 or x == e for x, e in zip(v, expected)):
+        return None
+    return tuple(int(e) for e in expected)
+
+
 @register("view", "reshape", torch.reshape, "flatten", torch.flatten, nn.Flatten, "squeeze",
           "unsqueeze", torch.squeeze, torch.unsqueeze, "unflatten", torch.unflatten, nn.Unflatten,
           "view_as", "reshape_as", "ravel", torch.ravel)
@@ -127,9 +150,11 @@ class ReshapeRule(OpRule):
 
     def update(self, actx: Any) -> None:
         node, new = actx.node, actx.new_shape(actx.node)
-        if actx.new_shape(node) == actx.old_shape(node):
+        if new is None:
             return
         if isinstance(actx.module, nn.Unflatten):
+            if new == actx.old_shape(node):
+                return
             d = actx.module.dim % len(new)
             k = len(actx.module.unflattened_size)
             actx.module.unflattened_size = tuple(new[d:d + k])
@@ -140,20 +165,21 @@ class ReshapeRule(OpRule):
         name = op_name(t)
         if name in ("view", "reshape", "_unsafe_view"):  # (x, *sizes) or (x, sizes)
             rest = list(node.args[1:])
-            if len(rest) == 1 and not isinstance(rest[0], int):
-                sizes = rest[0]
-                v = actx.value(sizes)
-                if isinstance(sizes, (list, tuple)):
-                    node.args = (node.args[0], type(sizes)(fix_sizes(actx, sizes, new)))
-                elif tuple(v) != tuple(new):
-                    node.args = (node.args[0], tuple(new))
+            if len(rest) == 1 and not isinstance(actx.value(rest[0]), int):
+                fixed = fixed_size_arg(actx, rest[0], new)
+                if fixed is not None:
+                    node.args = (node.args[0], fixed)
             else:
-                node.args = (node.args[0], *fix_sizes(actx, rest, new))
+                out = fixed_sizes(actx, rest, new)
+                if out is not None:
+                    node.args = (node.args[0], *out)
         elif name == "unflatten":
             dim = actx.value(node.args[1])
             sizes = node.args[2]
             d = dim % len(actx.old_shape(node.args[0]))
-            node.args = (node.args[0], dim, tuple(fix_sizes(actx, sizes, new[d:d + len(sizes)])))
+            out = fixed_sizes(actx, sizes, new[d:d + len(sizes)])
+            if out is not None:
+                node.args = (node.args[0], dim, tuple(out))
 
 
 def _meta_perm(target: Any, is_method: bool, nd: int, args: tuple, kwargs: dict) -> Optional[list[int]]:
@@ -395,18 +421,25 @@ class FactoryRule(OpRule):
 
     def update(self, actx: Any) -> None:
         node, new = actx.node, actx.new_shape(actx.node)
-        if new is None or new == actx.old_shape(node):
+        if new is None:
             return
-        first = 1 if op_name(node.target) in _FACTORIES else 0  # new_*: after the tensor
+        name = op_name(node.target)
+        first = 1 if name in _FACTORIES else 0  # new_*: after the tensor
         args = list(node.args)
         if "size" in node.kwargs:
-            node.kwargs = {**node.kwargs, "size": tuple(fix_sizes(actx, node.kwargs["size"], new))}
-        elif len(args) > first and isinstance(args[first], (list, tuple)):
-            args[first] = type(args[first])(fix_sizes(actx, args[first], new))
-            node.args = tuple(args)
-        elif op_name(node.target) not in ("full", "new_full"):  # new_zeros(B, 12)
-            node.args = tuple(args[:first]) + tuple(fix_sizes(actx, args[first:], new))
-        else:
+            fixed = fixed_size_arg(actx, node.kwargs["size"], new)
+            if fixed is not None:
+                node.kwargs = {**node.kwargs, "size": fixed}
+        elif len(args) > first and not isinstance(actx.value(args[first]), int):
+            fixed = fixed_size_arg(actx, args[first], new)  # zeros((B, 12)), new_full(x.shape, v)
+            if fixed is not None:
+                args[first] = fixed
+                node.args = tuple(args)
+        elif name not in ("full", "new_full"):  # new_zeros(B, 12)
+            out = fixed_sizes(actx, args[first:], new)
+            if out is not None:
+                node.args = tuple(args[:first]) + tuple(out)
+        elif new != actx.old_shape(node):
             raise NotImplementedError("full() with sizes that are not one sequence")
 
 
@@ -501,7 +534,13 @@ class SplitRule(OpRule):
         dim = actx.value(dim_arg) % len(sx)
         old = [s[dim] for s in actx.old_items(node)]
         new = [s[dim] for s in actx.new_items(node)]
-        if old == new:
+        if name in ("split", "split_with_sizes"):  # sizes may be read from another tensor
+            size_arg = node.args[1] if len(node.args) > 1 else next(
+                (node.kwargs[k] for k in self.size_args(node) if k in node.kwargs), None)
+            length = actx.new_shape(x)[dim]
+            if _sections(actx.value(size_arg), length) == new:
+                return
+        elif old == new:
             return
         if name == "tensor_split":
             raise NotImplementedError("tensor_split with pruned sections")
@@ -511,6 +550,13 @@ class SplitRule(OpRule):
             node.target = "split" if node.op == "call_method" else torch.split
         node.args = (x, new, dim)
         node.kwargs = {}
+
+
+def _sections(size: Any, length: int) -> Optional[list[int]]:
+    """The item sizes of ``split(x, size)`` along a dim of ``length``."""
+    if isinstance(size, int) and size > 0:
+        return [min(size, length - k) for k in range(0, length, size)]
+    return list(size) if isinstance(size, (list, tuple)) else None
 
 
 def _index_items(index: Any) -> Optional[list[Any]]:
@@ -664,20 +710,25 @@ class ExpandRule(OpRule):
         return {*range(1, len(node.args)), "size"}
 
     def update(self, actx: Any) -> None:
-        node = actx.node
-        if op_name(node.target) == "expand_as" or actx.new_shape(node) == actx.old_shape(node):
+        node, new = actx.node, actx.new_shape(actx.node)
+        if op_name(node.target) == "expand_as" or new is None:
+            return
+        if "size" in node.kwargs:  # broadcast_to(x, size=...)
+            fixed = fixed_size_arg(actx, node.kwargs["size"], new)
+            if fixed is not None:
+                node.kwargs = {**node.kwargs, "size": fixed}
             return
         # aten.expand(x, size, implicit=False) takes the sizes as one list
         rest = list(node.args[1:2] if isinstance(node.target, torch._ops.OpOverload)
                     else node.args[1:])
-        new = actx.new_shape(node)
-        if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
-            node.args = (node.args[0], type(rest[0])(fix_sizes(actx, rest[0], new)))
-        elif len(rest) == 1 and isinstance(rest[0], fx.Node) and not isinstance(
-                actx.value(rest[0]), int):
-            node.args = (node.args[0], tuple(new))
+        if len(rest) == 1 and not isinstance(actx.value(rest[0]), int):
+            fixed = fixed_size_arg(actx, rest[0], new)
+            if fixed is not None:
+                node.args = (node.args[0], fixed, *node.args[2:])
         else:
-            node.args = (node.args[0], *fix_sizes(actx, rest, new))
+            out = fixed_sizes(actx, rest, new)
+            if out is not None:
+                node.args = (node.args[0], *out)
 
 
 @register("repeat")

@@ -164,6 +164,36 @@ def test_sizes_in_shape_arguments_stay_prunable():
     assert pruned.conv.out_channels == 6
 
 
+class OtherGroupSizes(nn.Module):
+    """Sizes read from ``x`` shape ``y``'s view, factory, expand and split; x and y are two
+    groups, so either may shrink while the other keeps its size."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(6, 8)
+        self.c, self.d = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, inp):
+        x, y = self.a(inp), self.b(inp)
+        B, T, C = x.shape
+        z = y.view(B, T, C) + y.new_zeros(B, T, C) + y.expand(B, T, C)
+        u, w = torch.split(z, [C // 2, C - C // 2], dim=-1)
+        return self.c(torch.cat([w, u], -1)) + self.d(x)
+
+
+@pytest.mark.parametrize("drop", [{"a": [1, 2]}, {"b": [0, 5]}, {"a": [0], "b": [3, 4, 7]}])
+def test_sizes_of_another_group_are_rewritten(drop):
+    """The apply pass compares each size argument's value with the plan, not the node's old
+    and new shapes (which agree when only the other group shrinks)."""
+    torch.manual_seed(0)
+    model = OtherGroupSizes().double().eval()
+    x = tok()
+    assert len(sp.trace(model, x).groups()) == 3  # a; b in two halves (the split)
+    pruned = assert_rule(model, x, drop=drop, onnx=False, save_load=False)
+    assert pruned.a.out_features == 8 - len(drop.get("a", ()))
+    assert pruned.b.out_features == 8 - len(drop.get("b", ()))
+
+
 def test_size_returned_with_the_output_freezes_the_dim():
     class M(nn.Module):
         def __init__(self):
