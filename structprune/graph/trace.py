@@ -381,8 +381,8 @@ def _drop_unused(graph: fx.Graph) -> None:
             name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
             if name.endswith("_") or name.startswith("i") and name[1:] in _INPLACE_OPERATORS:
                 continue
-            if n.op == "call_function" and n.target in (operator.setitem,):
-                continue
+            if n.op == "call_function" and n.target in (operator.setitem, torch._assert):
+                continue  # side effects: a write, an argument guard (graph/inputs.py)
             graph.erase_node(n)
             changed = True
 
