@@ -304,6 +304,11 @@ class LayerNormRule(OpRule):
             yield Freeze(ctx.space(x, d), reason)
             yield Freeze(ctx.out(d), reason)
 
+    def size_args(self, node: Any) -> set:
+        """``normalized_shape`` of the functional form: rewritten by ``update`` where the
+        normalised dims are pruned (RMSNorm), frozen otherwise."""
+        return set() if node.op == "call_module" else {1, "normalized_shape"}
+
     def update(self, actx: Any) -> None:
         if not _is_rms(actx.node, actx.module):
             return
@@ -394,6 +399,9 @@ class ApproximateLayerNormRule(OpRule):
                 continue
             roles.append(role)
         yield from _coupled_trailing(ctx, k, params, roles)
+
+    def size_args(self, node: Any) -> set:
+        return set() if node.op == "call_module" else {1, "normalized_shape"}
 
     def update(self, actx: Any) -> None:
         x = actx.node.args[0]
