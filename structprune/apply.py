@@ -351,7 +351,37 @@ def _apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
 def _own_forward_differs(model: nn.Module, gm: fx.GraphModule,
                          example_inputs: tuple[tuple, dict]) -> str:
     """Why ``model`` (its own forward) does not compute what ``gm`` computes on the example
-    inputs, or ``""`` when it does (the same values up to float rounding)."""
+    inputs and on random inputs like them, or ``""`` when it does (the same values up to float
+    rounding)."""
+    for inputs in (example_inputs, _random_like(example_inputs)):
+        problem = _outputs_differ(model, gm, inputs)
+        if problem:
+            return problem
+    return ""
+
+
+def _random_like(example_inputs: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """The example inputs with every floating tensor replaced by a random one of its shape and
+    scale (a branch on a value the example happens to avoid, such as a sign, shows there)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            scale = float(v.detach().abs().max()) if v.numel() else 1.0
+            r = torch.randn(v.shape, generator=gen, dtype=v.dtype)
+            return (r * max(scale, 1e-3)).to(v.device)
+        if isinstance(v, (list, tuple)):
+            return type(v)(rnd(x) for x in v)
+        if isinstance(v, dict):
+            return {k: rnd(x) for k, x in v.items()}
+        return v
+
+    args, kwargs = example_inputs
+    return rnd(args), rnd(kwargs)
+
+
+def _outputs_differ(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple[tuple, dict]
+                    ) -> str:
     from .graph.trace import eval_mode
 
     args, kwargs = example_inputs
@@ -450,6 +480,8 @@ class Snapshot:
                 seen.setdefault(id(m), m)
         self.modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers))
                         for m in seen.values()]
+        self.hooks = [(table, dict(table)) for m in seen.values()
+                      for table in (m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs)]
         tensors = {id(t): t for _, _, ps, bs in self.modules
                    for t in list(ps.values()) + list(bs.values()) if t is not None}
         self.data = [(t, t.data, t.grad) for t in tensors.values()]
@@ -469,6 +501,9 @@ class Snapshot:
             m._parameters.update(params)
             m._buffers.clear()
             m._buffers.update(buffers)
+        for table, saved in self.hooks:
+            table.clear()
+            table.update(saved)
         for t, data, grad in self.data:
             if t.data is not data:
                 t.data = data
@@ -552,6 +587,12 @@ def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict],
             _update_and_check(gm, plan, dropped, example_inputs)
             if snap.calls_changed():
                 raise literal_sizes_error(model)
+            problem = _own_forward_differs(model, gm, example_inputs)
+            if problem:
+                raise PlanError(f"{type(model).__name__} cannot be pruned in place: its own "
+                                f"forward {problem} on the pruned modules (it reads something "
+                                f"the pruned graph does not, e.g. a module attribute). Use "
+                                f"sp.prune(...), which returns the rewritten graph.")
             add_guard_hook(model, gm.meta.get("structprune_specialised", {}))
         except BaseException:
             snap.restore()

@@ -226,12 +226,14 @@ def _as_graph_module(model: nn.Module, example_inputs: Any = None) -> fx.GraphMo
     if isinstance(model, fx.GraphModule):
         return model
     from .errors import TraceError
-    from .graph.trace import adopt_tensors, capture, normalize_inputs
+    from .graph.inputs import capture_guarded
+    from .graph.trace import adopt_tensors, normalize_inputs
     from .ops.registry import registry
 
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else None
     try:
-        gm = capture(model, registry(), example_inputs=inputs)
+        gm = capture_guarded(model, registry(), (), *(inputs or ((), {})),
+                             with_inputs=inputs is not None)
     except TraceError as exc:
         if inputs is not None:
             raise

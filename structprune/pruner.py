@@ -164,6 +164,9 @@ class Pruner:
         self._ignore_paths = resolve_ignore(model, self.config.ignore)
         self.base_macs: Optional[int] = None
         self._orig_sizes: dict = {}
+        self._first_graph: Optional[DependencyGraph] = None
+        #: Parameter elements in the groups asked to shrink (set by the first :meth:`plan`).
+        self.targeted_params: Optional[int] = None
         #: How the last :meth:`apply` returned its model (own class or graph) and why.
         self.applied: Optional[Applied] = None
         #: Largest relative deviation of the pruned output from the masked original, measured
@@ -243,10 +246,35 @@ class Pruner:
                 out[g.id] = s
         return out
 
+    def _note_targets(self, graph: DependencyGraph) -> None:
+        """At the first plan: the graph of the model as given, and how many parameter elements
+        the user asked to prune: all but those of ignored modules and, with a per-module ratio
+        dict, of modules under no listed module with a ratio above 0 (what the no-op warning
+        measures against; parts frozen for want of a rule count as asked)."""
+        if self._first_graph is not None:
+            return
+        self._first_graph = graph
+
+        def under(mod: str, path: str) -> bool:
+            return path == "" or mod == path or mod.startswith(path + ".")
+
+        def asked(qual: str) -> bool:
+            mod = qual.rpartition(".")[0]
+            if any(under(mod, p) for p in self._ignore_paths):
+                return False
+            if self._ratio_paths:
+                best = max((p for p in self._ratio_paths if under(mod, p)), key=len, default=None)
+                return best is not None and self._ratio_paths[best] > 0
+            return True
+
+        tensors = {id(t): t for q, t in self.original.named_parameters() if asked(q)}
+        self.targeted_params = sum(t.numel() for t in tensors.values())
+
     def plan(self) -> Plan:
         """The plan of the next step (the whole pruning when ``iterative_steps == 1``)."""
         cfg = self.config
         graph = self.graph
+        self._note_targets(graph)
         groups = graph.groups()
         scores = self.scores()
         max_ratio = cfg.max_ratio if cfg.max_ratio is not None else (0.9 if cfg.global_ else 1.0)
@@ -302,16 +330,20 @@ class Pruner:
         original's output to measure the pruned model against; else None."""
         if all(getattr(r, "exact", True) for r in plan.graph.node_rules.values()):
             return None
+        from .graph.trace import eval_mode
         from .testing import masked_output
 
-        return masked_output(plan.graph, plan)
+        with eval_mode(plan.graph.graph_module), eval_mode(plan.graph.model):
+            return masked_output(plan.graph, plan)
 
     def _measure_deviation(self, reference: Any, pruned: nn.Module) -> None:
         if reference is None:
             return
+        from .graph.trace import eval_mode
         from .testing import max_rel_diff, run
 
-        dev = max_rel_diff(run(pruned, self.example_inputs), reference)
+        with eval_mode(pruned):
+            dev = max_rel_diff(run(pruned, self.example_inputs), reference)
         self.deviation = max(self.deviation or 0.0, dev)
 
     def step(self) -> nn.Module:
@@ -405,13 +437,21 @@ class _calibration_gradients:
         pr = self.pruner
         if pr.data is None or not getattr(pr.importance, "needs_grad", False):
             return
-        from .graph.trace import eval_mode
-
         model = pr.model
         params = [p for p in model.parameters()]
         self.saved = [(p, p.grad) for p in params]
         for p in params:
             p.grad = None
+        try:
+            self._accumulate(model, params)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _accumulate(self, model: nn.Module, params: list) -> None:
+        from .graph.trace import eval_mode
+
+        pr = self.pruner
         n = 0
         with torch.enable_grad(), eval_mode(model):
             for batch in pr.data:
@@ -436,20 +476,21 @@ class _calibration_gradients:
 
 
 def warn_if_little_pruned(pruner: Pruner, params_before: int, params_after: int) -> None:
-    """Warn (:class:`NothingPrunedWarning`) when a prune removed nothing, or much less than
-    asked, naming the largest parts that stayed and why."""
+    """Warn (:class:`NothingPrunedWarning`) when a prune removed nothing, or less than half of
+    what was asked of the parts it was asked to prune (ignored modules and modules a
+    per-module ratio leaves out do not count), naming the largest parts that stayed and why."""
     cfg = pruner.config
     asked = cfg.nominal_ratio if cfg.target_macs is None else 1 - float(cfg.target_macs)
     if asked <= 0:
         return
-    removed = 1 - params_after / max(params_before, 1)
-    if removed >= asked / 2 and params_after < params_before:
+    removed = params_before - params_after
+    targeted = max(pruner.targeted_params or 0, 1)
+    if removed > 0 and (removed / targeted >= asked / 2 or removed / params_before >= asked / 2):
         return
-    graph = trace(pruner.original, pruner.example_inputs, rules=cfg.rules,
-                  leaf_modules=cfg.leaf_modules)
+    graph = pruner._first_graph or pruner.graph
     what = (f"ratio={cfg.ratio}" if cfg.target_macs is None else f"target_macs={cfg.target_macs}")
-    head = ("removed nothing" if params_after >= params_before else
-            f"removed only {removed:.1%} of the parameters")
+    head = ("removed nothing" if removed <= 0 else f"removed only {removed / params_before:.1%} "
+            f"of the parameters ({removed / targeted:.1%} of those in the groups asked to shrink)")
     warnings.warn(f"{type(pruner.original).__name__}: {what} {head}. Largest parts that stayed: "
                   f"{frozen_summary(graph)}", NothingPrunedWarning, stacklevel=3)
 
@@ -537,7 +578,12 @@ def prune_(model: nn.Module, example_inputs: ExampleInputs,
                           leaf_modules=kwargs.get("leaf_modules", ())).graph_module.code
     if pruned.code != original_code:
         raise literal_sizes_error(model)
-    _transplant(model, pruned, optimizer)
+    snap = Snapshot([model], optimizer=optimizer)
+    try:
+        _transplant(model, pruned, optimizer)
+    except BaseException:
+        snap.restore()
+        raise
     _drop_grads(model)
     return model
 

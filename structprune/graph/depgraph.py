@@ -19,8 +19,8 @@ from ..ops.registry import (CoupleContext, Frozen, OpRule, RuleKey, describe, lo
                             tensor_shapes)
 from .coupling import Choice, Couple, Freeze, Record, Role, Solution, Space, SpaceTable, solve
 from .group import Group, build_groups
-from .inputs import concrete_args, specialise
-from .trace import ExampleInputs, capture, check_model, normalize_inputs, record_shapes
+from .inputs import capture_guarded
+from .trace import ExampleInputs, check_model, normalize_inputs, record_shapes
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,8 @@ class DependencyGraph:
         self.rules = registry()
         self.rules.update(rules or {})
         self.args, self.kwargs = normalize_inputs(example_inputs)
-        concrete = concrete_args(model, self.args, self.kwargs)
-        self.graph_module = capture(model, self.rules, leaf_modules, concrete_args=concrete or None,
-                                    example_inputs=(self.args, self.kwargs))
-        specialise(self.graph_module, model, self.args, self.kwargs, concrete)
+        self.graph_module = capture_guarded(model, self.rules, leaf_modules, self.args,
+                                            self.kwargs)
         self._leaf_modules = tuple(leaf_modules)
         self.shapes, self.values = record_shapes(self.graph_module, self.args, self.kwargs,
                                                  type(model).__name__)

@@ -74,8 +74,34 @@ def concrete_args(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]
             if v is None or isinstance(v, (bool, str))}
 
 
+def capture_guarded(model: nn.Module, rules: dict, leaf_modules: Any, args: tuple, kwargs: dict,
+                    with_inputs: bool = True) -> fx.GraphModule:
+    """:func:`structprune.graph.trace.capture` with the non-tensor arguments handled: fx traces
+    ``None``/bool/str as constants, and :func:`specialise` guards what the graph fixed. Values
+    a pruned model of the user's class was pruned for (its guard hook) are fixed and guarded
+    again, whatever the example inputs say. ``with_inputs=False``: fx only (no export
+    fallback), the arguments' defaults standing in for the example."""
+    from .trace import capture
+
+    pinned = guarded_values(model)
+    values = {**example_values(model, args, kwargs), **pinned}
+    concrete = {k: v for k, v in values.items() if v is None or isinstance(v, (bool, str))}
+    gm = capture(model, rules, leaf_modules, concrete_args=concrete or None,
+                 example_inputs=(args, kwargs) if with_inputs else None)
+    specialise(gm, model, args, kwargs, concrete, pinned)
+    return gm
+
+
+def guarded_values(model: nn.Module) -> dict[str, Any]:
+    """The argument values ``model``'s guard hook (:func:`add_guard_hook`) insists on."""
+    for h in model._forward_pre_hooks.values():
+        if isinstance(h, functools.partial) and h.func is _guard_hook:
+            return dict(h.args[0])
+    return {}
+
+
 def specialise(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
-               concrete: dict[str, Any]) -> None:
+               concrete: dict[str, Any], pinned: Optional[dict[str, Any]] = None) -> None:
     """Give ``gm`` the model's parameter names and defaults, and a guard for every non-tensor
     argument it does not read (see the module docstring). Records the guarded values in
     ``gm.meta["structprune_specialised"]``.
@@ -84,8 +110,10 @@ def specialise(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
         TraceError: an argument the graph does not read holds a value that cannot be checked
             at call time (not None/bool/int/float/str/dtype/device or a tuple of them).
     """
-    values = example_values(model, args, kwargs)
+    pinned = pinned or {}
+    values = {**example_values(model, args, kwargs), **pinned}
     sig = _signature(model)
+    exported = gm.meta.get("structprune_capture") == "export"
     if sig is None or not values:
         gm.meta["structprune_specialised"] = {}
         return
@@ -101,12 +129,17 @@ def specialise(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
     _add_missing_placeholders(graph, placeholders, _plain_params(sig), values)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     guarded: dict[str, Any] = {}
+    leaves: list[tuple[fx.Node, tuple, Any]] = []  # non-tensor items of nested inputs (export)
     for n in placeholders:
         name = str(n.target)
         if name in defaults and defaults[name] is not inspect.Parameter.empty and not n.args:
             if _atomic(defaults[name]):
                 n.args = (defaults[name],)
-        if name not in values or isinstance(values[name], torch.Tensor) or n.users:
+        if name not in values or isinstance(values[name], torch.Tensor):
+            continue
+        if n.users and name not in pinned:
+            if exported and _holds_tensor(values[name]):
+                leaves.extend((n, path, v) for path, v in _constant_leaves(values[name]))
             continue
         v = values[name]
         if _holds_tensor(v):
@@ -120,6 +153,8 @@ def specialise(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
         if isinstance(v, float) and math.isnan(v):
             continue
         guarded[name] = v
+    if leaves:
+        _guard_leaves(gm, placeholders[-1], leaves, type(model).__name__)
     if guarded:
         last = placeholders[-1]
         with graph.inserting_after(last):
@@ -132,6 +167,42 @@ def specialise(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
                     graph.call_function(torch._assert, (cond, msg))
         gm.recompile()
     gm.meta["structprune_specialised"] = guarded
+
+
+def _constant_leaves(v: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
+    """``[(path, value)]`` of the non-tensor leaves of a nested dict/list/tuple input."""
+    if isinstance(v, dict):
+        return [x for k, item in v.items() for x in _constant_leaves(item, path + (k,))]
+    if isinstance(v, (list, tuple)):
+        return [x for k, item in enumerate(v) for x in _constant_leaves(item, path + (k,))]
+    return [] if isinstance(v, torch.Tensor) else [(path, v)]
+
+
+def _guard_leaves(gm: fx.GraphModule, after: fx.Node, leaves: list[tuple[fx.Node, tuple, Any]],
+                  model_name: str) -> None:
+    """Guard the non-tensor items of nested inputs that torch.export fixed (``batch["flag"]``):
+    ``getitem`` down to the item, then the same check as a plain argument."""
+    graph = gm.graph
+    for ph, path, v in leaves:
+        where = str(ph.target) + "".join(f"[{k!r}]" for k in path)
+        if not _atomic(v):
+            raise TraceError(
+                f"{model_name}: input item {where} ({type(v).__name__}) is fixed to its example "
+                f"value in the captured graph and cannot be checked at call time; pass it as a "
+                f"tensor or bind it outside the model.")
+        if isinstance(v, float) and math.isnan(v):
+            continue
+        node = ph
+        steps = [(operator.getitem, (k,)) for k in path]
+        steps.append((operator.is_, (None,)) if v is None else (operator.eq, (v,)))
+        for fn, rest in steps:
+            new = graph.call_function(fn, (node, *rest))
+            after.append(new)
+            after = node = new
+        check = graph.call_function(torch._assert, (node, _message(model_name, where, v)))
+        after.append(check)
+        after = check
+    gm.recompile()
 
 
 def _add_missing_placeholders(graph: fx.Graph, placeholders: list[fx.Node],

@@ -1,0 +1,174 @@
+"""Regressions for what the review of the Trust work found (each failed before its fix)."""
+import math
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import structprune as sp
+from structprune.testing import masked_output, max_rel_diff, randomize_
+
+
+class ReadsAttribute(nn.Module):
+    """forward reads a pruned module's attribute: the graph fixed its traced value."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        return self.c2(h / math.sqrt(self.c1.out_features))
+
+
+def test_in_place_refuses_a_forward_that_reads_a_pruned_attribute():
+    m = ReadsAttribute().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(sp.PlanError, match="own forward computes different values"):
+        sp.prune_(m, x, ratio=0.5)
+    assert m.c1.out_features == 8 and m.c1.weight.shape == (8, 4)
+    pruner = sp.Pruner(m, x, ratio=0.5)  # sp.prune returns the graph, which is exact
+    plan = pruner.plan()
+    p = pruner.apply(plan)
+    assert not pruner.applied.own_class
+    assert max_rel_diff(p(x), masked_output(pruner.graph, plan)) < 1e-12
+
+
+class Optional_(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x, extra=None):
+        h = self.a(x)
+        if extra is None:
+            h = h * 2
+        else:
+            h = h + extra
+        return self.b(h)
+
+
+def test_save_keeps_the_branch_of_a_none_default(tmp_path):
+    m = Optional_().eval()
+    x = torch.randn(3, 4)
+    for model in (m, sp.prune(m, x, ratio=0.5)):
+        path = os.path.join(tmp_path, "m.sp")
+        sp.save(model, path)
+        again = sp.load(path)
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+        with pytest.raises(AssertionError, match="extra=None"):
+            again(x, torch.ones(8))
+
+
+class DictFlag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, batch):
+        x = batch["x"]
+        if x.shape[0] > 1:  # fx cannot trace this: torch.export captures the model
+            x = x + 1
+        h = F.relu(self.a(x))
+        if batch["double"]:
+            h = h * 2
+        return self.b(h)
+
+
+def test_a_flag_inside_a_dict_input_is_guarded():
+    m = DictFlag()
+    x = torch.randn(3, 4)
+    p = sp.prune(m, ({"x": x, "double": False},), ratio=0.5)
+    p({"x": x, "double": False})
+    with pytest.raises(AssertionError, match=r"batch\['double'\]=False"):
+        p({"x": x, "double": True})
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x * 2
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
+def test_in_place_on_export_capture_with_a_partial_optimizer_changes_nothing_on_failure():
+    m = Branchy()
+    opt = torch.optim.SGD([m.c.weight], lr=0.1, momentum=0.9)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(sp.PlanError, match="optimizer"):
+        sp.prune_(m, torch.randn(3, 4), ratio=0.5, optimizer=opt)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert m.a.out_features == 8 and m(torch.randn(3, 4)).shape == (3, 2)
+
+
+class Mode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x, mode: str = "relu"):
+        h = self.a(x)
+        h = torch.tanh(h) if mode == "tanh" else F.relu(h)
+        return self.b(h)
+
+
+class FailsAtStep2:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, group, graph):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("scoring failed in step 2")
+        return torch.arange(group.num_units, dtype=torch.float64)
+
+
+def test_a_failed_in_place_prune_leaves_no_guard_hook():
+    m = Mode()
+    with pytest.raises(RuntimeError, match="step 2"):
+        sp.prune_(m, (torch.randn(3, 4), "relu"), ratio=0.5, iterative_steps=2,
+                  importance=FailsAtStep2())
+    assert not m._forward_pre_hooks and m.a.out_features == 8
+    m(torch.randn(3, 4), "tanh")  # still callable with any mode
+
+
+def test_measuring_the_deviation_leaves_batch_norm_statistics_alone():
+    m = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.LayerNorm(16), nn.Linear(16, 32),
+                      nn.ReLU(), nn.Linear(32, 3)).train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    sp.Pruner(m, torch.randn(5, 6), ratio=0.5, prune_normalized_dims=True).run()
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_calibration_failure_restores_the_users_gradients():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    own = m[0].weight.grad = torch.ones_like(m[0].weight)
+    with pytest.raises(sp.PlanError, match="pair"):
+        sp.prune(m, torch.randn(3, 4), importance="taylor", data=[torch.randn(3, 4)],
+                 loss_fn=F.cross_entropy)
+    assert m[0].weight.grad is own
+
+
+def test_no_noop_warning_for_what_the_user_left_out():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = nn.Linear(64, 256)
+            self.small = nn.Sequential(nn.Linear(256, 8), nn.ReLU(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            return self.small(F.relu(self.big(x)))
+
+    m = randomize_(Net())
+    x = torch.randn(2, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sp.prune(m, x, ratio={m.small: 0.5})
+        sp.prune(m, x, ratio=0.5, ignore=[m.big])
