@@ -172,3 +172,22 @@ def test_no_noop_warning_for_what_the_user_left_out():
         warnings.simplefilter("error")
         sp.prune(m, x, ratio={m.small: 0.5})
         sp.prune(m, x, ratio=0.5, ignore=[m.big])
+
+
+def test_keyword_arguments_taken_by_var_kwargs_are_guarded():
+    class KwArgs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x, **kw):
+            h = self.a(x).relu()
+            if kw.get("double"):
+                h = h * 2
+            return self.b(h)
+
+    x = torch.randn(3, 4)
+    p = sp.prune(KwArgs().eval(), {"x": x, "double": True}, ratio=0.5)
+    p(x, double=True)
+    with pytest.raises(AssertionError, match="double=True"):
+        p(x, double=False)

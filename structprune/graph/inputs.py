@@ -50,13 +50,16 @@ def _plain_params(sig: inspect.Signature) -> list[inspect.Parameter]:
 
 def example_values(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """``{parameter name: value}`` for every plain forward parameter: the example input where
-    one is given, else its default (parameters with neither are left out)."""
+    one is given, else its default (parameters with neither are left out); keyword inputs
+    that a ``**kwargs`` parameter takes by their own names."""
     sig = _signature(model)
-    if sig is None or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                          for p in sig.parameters.values()):
+    if sig is None or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
         return {}
     out: dict[str, Any] = {}
     params = _plain_params(sig)
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):  # **kwargs: by key
+        names = {p.name for p in params}
+        out.update({k: v for k, v in kwargs.items() if k not in names})
     for i, p in enumerate(params):
         if i < len(args) and p.kind != p.KEYWORD_ONLY:
             out[p.name] = args[i]
