@@ -14,7 +14,10 @@ last ``nn.Conv2d`` when there is no Linear, e.g. SqueezeNet), then check
 * MACs before/after (``structprune.plan.count_macs``), plus an independent count of the MACs of
   the ``nn.Conv*``/``nn.Linear`` modules measured with forward hooks on the original and the
   pruned model, and parameters before/after;
-* what is frozen (entries and reasons) and which nodes keep most of their MACs.
+* what is frozen (entries and reasons) and which nodes keep most of their MACs;
+* what ``Pruner.apply`` returned (column ``ret``): ``own`` for an object of the model's own class,
+  ``gm`` for an ``fx.GraphModule``, with the pruner's reason (``Pruner.applied.reason``); the
+  summary groups the GraphModule reasons.
 
 Each model runs in its own subprocess with a timeout, so that one crash or hang does not stop the
 run; time and peak RSS are recorded per model. Results go to ``benchmarks/results/coverage.json``.
@@ -29,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -237,6 +242,15 @@ def run_one(name: str, tol64: float, tol32: float, f32_above_m: float) -> dict[s
         stage("apply")
         pruned = pruner.apply(plan)
         rec["params_after"] = sum(p.numel() for p in pruned.parameters())
+        # What sp.prune / Pruner.apply handed back: the model's own class (its forward runs on
+        # the smaller modules) or an fx.GraphModule, and the pruner's reason for it.
+        applied = getattr(pruner, "applied", None)
+        rec["returned"] = {
+            "type": type(pruned).__name__,
+            "graph_module": isinstance(pruned, torch.fx.GraphModule),
+            "own_class": type(pruned) is type(model),
+            "reason": getattr(applied, "reason", None),
+        }
         done("apply")
 
         stage("oracle")
@@ -353,11 +367,20 @@ def _fmt_int(n: Optional[int]) -> str:
     return str(n)
 
 
+def _returned(r: dict[str, Any]) -> str:
+    """``own`` (the model's class), ``gm`` (an fx.GraphModule), ``other`` or ``-``."""
+    ret = r.get("returned")
+    if not ret:
+        return "-"
+    return "gm" if ret["graph_module"] else "own" if ret["own_class"] else "other"
+
+
 def print_row(r: dict[str, Any], header: bool = False) -> None:
-    cols = "{:<20} {:<15} {:>6} {:>6} {:>8} {:>8} {:>9} {:>5} {:>4} {:>6} {:>6}  {}"
+    cols = "{:<20} {:<15} {:>6} {:>6} {:>8} {:>8} {:>9} {:>5} {:>4} {:>5} {:>6} {:>6}  {}"
     if header:
         print(cols.format("model", "status", "MAC-%", "hook-%", "params0", "params1", "oracle",
-                          "onnx", "frz", "sec", "MB", "first frozen reason / error"), flush=True)
+                          "onnx", "frz", "ret", "sec", "MB", "first frozen reason / error"),
+              flush=True)
         return
     err = r.get("error")
     note = ""
@@ -377,7 +400,7 @@ def print_row(r: dict[str, Any], header: bool = False) -> None:
         "-" if r.get("hook_mac_reduction_pct") is None else f"{r['hook_mac_reduction_pct']:.1f}",
         _fmt_int(r.get("params_before")), _fmt_int(r.get("params_after")),
         "-" if d is None else f"{d:.1e}", r.get("onnx", "-"),
-        fr.get("count_excluding_ignored", "-"), r.get("seconds", "-"),
+        fr.get("count_excluding_ignored", "-"), _returned(r), r.get("seconds", "-"),
         f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-", note), flush=True)
 
 
@@ -390,6 +413,13 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     with_frozen = [r for r in results if any(not _implied(k) for k in
                                              r.get("frozen", {}).get("reasons", {}))]
     failed = [r for r in results if r["status"] in ("failed", "timeout", "crashed")]
+    returned = Counter(_returned(r) for r in pruned)
+    macs = [r["mac_reduction_pct"] for r in pruned if r.get("mac_reduction_pct") is not None]
+    gm_reasons: dict[str, list[str]] = {}  # reason without the node it names -> models
+    for r in pruned:
+        if _returned(r) == "gm":
+            reason = re.sub(r" \(.*\)", " (...)", r["returned"].get("reason") or "?")
+            gm_reasons.setdefault(reason, []).append(r["model"])
     return {
         "models": n,
         "pruned": len(pruned),
@@ -404,6 +434,12 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         "failed_breakdown": {k: st[k] for k in ("failed", "timeout", "crashed") if st[k]},
         "macs_reduced_ge_40pct": len(big),
         "pct_macs_reduced_ge_40pct": round(100.0 * len(big) / n, 1) if n else 0.0,
+        "mac_reduction_pct_median": (round(statistics.median(macs), 2) if macs else None),
+        "mac_reduction_pct_min": (round(min(macs), 2) if macs else None),
+        "returned_own_class": returned["own"],
+        "returned_graph_module": returned["gm"],
+        "returned_other": returned["other"],
+        "graph_module_reasons": dict(sorted(gm_reasons.items(), key=lambda kv: -len(kv[1]))),
     }
 
 
@@ -494,7 +530,12 @@ def _print_summary(s: dict[str, Any]) -> None:
           f"{s['onnx_parity']} (fail {s['onnx_fail']}, n/a {s['onnx_na']}) | frozen-with-reason "
           f"{s['frozen_with_reason']} | nothing-pruned {s['nothing_pruned']} | failed "
           f"{s['failed']} {s['failed_breakdown'] or ''} | MACs reduced >= 40%: "
-          f"{s['macs_reduced_ge_40pct']}/{s['models']} ({s['pct_macs_reduced_ge_40pct']}%)")
+          f"{s['macs_reduced_ge_40pct']}/{s['models']} ({s['pct_macs_reduced_ge_40pct']}%, "
+          f"median {s.get('mac_reduction_pct_median')}%, min {s.get('mac_reduction_pct_min')}%)"
+          f" | returned own class {s.get('returned_own_class', '-')}, GraphModule "
+          f"{s.get('returned_graph_module', '-')}, other {s.get('returned_other', '-')}")
+    for reason, models in (s.get("graph_module_reasons") or {}).items():
+        print(f"  GraphModule x{len(models)}: {reason[:200]}: {', '.join(models)}")
 
 
 if __name__ == "__main__":
