@@ -338,7 +338,7 @@ def _apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
                            f"forward reads a tensor that is not a parameter, buffer or module "
                            f"attribute (fx lifted it as '{constants[0]}'), so the rewritten "
                            f"graph is returned")
-        problem = _own_forward_differs(model_c, gm_c, example_inputs)
+        problem = _own_forward_differs(model_c, gm_c, example_inputs, graph.traced_training)
         if problem:
             return Applied(plain_module(gm_c), False,
                            f"the model's own forward {problem} on the pruned modules, so the "
@@ -349,12 +349,12 @@ def _apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
 
 
 def _own_forward_differs(model: nn.Module, gm: fx.GraphModule,
-                         example_inputs: tuple[tuple, dict]) -> str:
+                         example_inputs: tuple[tuple, dict], training: bool = False) -> str:
     """Why ``model`` (its own forward) does not compute what ``gm`` computes on the example
     inputs and on random inputs like them, or ``""`` when it does (the same values up to float
     rounding)."""
     for inputs in (example_inputs, _random_like(example_inputs)):
-        problem = _outputs_differ(model, gm, inputs)
+        problem = _outputs_differ(model, gm, inputs, training)
         if problem:
             return problem
     return ""
@@ -380,15 +380,32 @@ def _random_like(example_inputs: tuple[tuple, dict]) -> tuple[tuple, dict]:
     return rnd(args), rnd(kwargs)
 
 
-def _outputs_differ(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple[tuple, dict]
-                    ) -> str:
+def _outputs_differ(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple[tuple, dict],
+                    training: bool = False) -> str:
+    """Compare in the mode the graph was traced in: eval, or training (its branches, e.g.
+    auxiliary heads), with the same random numbers for both runs (dropout) and every buffer
+    (running statistics) put back after each."""
     from .graph.trace import eval_mode
 
     args, kwargs = example_inputs
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def call(fn: Any, *a: Any, **k: Any) -> Any:
+        if not training:
+            with eval_mode(model), eval_mode(gm):
+                return fn(*a, **k)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            try:
+                return fn(*a, **k)
+            finally:
+                for b, saved in buffers:
+                    b.data.copy_(saved)
+
     try:
-        with torch.no_grad(), eval_mode(model), eval_mode(gm):
-            want = gm(*placeholder_values(gm, args, kwargs))
-            got = model(*args, **kwargs)
+        with torch.no_grad():
+            want = call(gm, *placeholder_values(gm, args, kwargs))
+            got = call(model, *args, **kwargs)
     except Exception as exc:  # the model's forward cannot run on the smaller modules
         return f"fails ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
     a, b = _tensors_in(got), _tensors_in(want)
@@ -587,7 +604,7 @@ def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict],
             _update_and_check(gm, plan, dropped, example_inputs)
             if snap.calls_changed():
                 raise literal_sizes_error(model)
-            problem = _own_forward_differs(model, gm, example_inputs)
+            problem = _own_forward_differs(model, gm, example_inputs, graph.traced_training)
             if problem:
                 raise PlanError(f"{type(model).__name__} cannot be pruned in place: its own "
                                 f"forward {problem} on the pruned modules (it reads something "

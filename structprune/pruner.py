@@ -165,6 +165,7 @@ class Pruner:
         self.base_macs: Optional[int] = None
         self._orig_sizes: dict = {}
         self._first_graph: Optional[DependencyGraph] = None
+        self._warned_mode = False
         #: Parameter elements in the groups asked to shrink (set by the first :meth:`plan`).
         self.targeted_params: Optional[int] = None
         #: How the last :meth:`apply` returned its model (own class or graph) and why.
@@ -317,6 +318,7 @@ class Pruner:
             self.applied = Applied(copy.deepcopy(self.model), not isinstance(
                 self.model, fx.GraphModule), "nothing was dropped: a copy of the model")
             return self.applied.model
+        self._warn_other_mode(plan)
         reference = self._masked_reference(plan)
         self.applied = apply_plan_copy(plan, self._inputs)
         target = self.applied.model
@@ -324,6 +326,23 @@ class Pruner:
         _drop_grads(target)
         self._measure_deviation(reference, target)
         return target
+
+    def _warn_other_mode(self, plan: Plan) -> None:
+        """Say (once) that modules only the other training mode calls were not pruned along."""
+        mods = plan.graph.other_mode_modules
+        if not mods or self._warned_mode:
+            return
+        self._warned_mode = True
+        here, other = (("training", "eval") if plan.graph.traced_training
+                       else ("eval", "training"))
+        warnings.warn(
+            f"{type(self.original).__name__}: {', '.join(mods[:4])}"
+            f"{' (+%d)' % (len(mods) - 4) if len(mods) > 4 else ''} run only in {other} mode, "
+            f"which the {here}-mode trace does not see: they were not pruned with the layers "
+            f"that feed them, so the pruned model runs in {here} mode only. To use it in "
+            f"{other} mode (e.g. to fine-tune), prune the model in {other} mode "
+            f"(model.{'train' if other == 'training' else 'eval'}()).",
+            StructpruneWarning, stacklevel=4)
 
     def _masked_reference(self, plan: Plan) -> Any:
         """With an approximate rule in the graph (``prune_normalized_dims``), the masked
@@ -365,6 +384,7 @@ class Pruner:
             raise PlanError(f"all {self.config.iterative_steps} steps are done")
         plan = self.plan()
         if not plan.is_empty:
+            self._warn_other_mode(plan)
             reference = self._masked_reference(plan)
             apply_plan_(plan, self._inputs, optimizer)
             self._measure_deviation(reference, self.model)

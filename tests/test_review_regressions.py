@@ -191,3 +191,39 @@ def test_keyword_arguments_taken_by_var_kwargs_are_guarded():
     p(x, double=True)
     with pytest.raises(AssertionError, match="double=True"):
         p(x, double=False)
+
+
+class AuxHead(nn.Module):
+    """A GoogLeNet-like auxiliary head that runs only in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        self.aux = nn.Sequential(nn.Conv2d(16, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(8, 5))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        out = self.fc(self.body(h).mean((2, 3)))
+        return (out, self.aux(h)) if self.training else out
+
+
+def test_modules_only_the_other_mode_runs_are_said_and_train_mode_prunes_them():
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    m = randomize_(AuxHead()).double().eval()
+    with pytest.warns(sp.StructpruneWarning, match=r"aux run only in training mode.*model\.train"):
+        sp.prune(m, x, ratio=0.5)
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    pruner = sp.Pruner(m, x, ratio=0.5)
+    plan = pruner.plan()
+    p = pruner.apply(plan)
+    assert pruner.applied.own_class and p.aux[0].in_channels == 8  # pruned with the stem
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # stats untouched
+    want = masked_output(pruner.graph, plan)  # training mode: batch statistics, aux head
+    got = p(x)
+    assert isinstance(got, tuple) and max_rel_diff(got, want) < 1e-9
+    p.eval()
+    assert p(x).shape == (4, 5)

@@ -19,8 +19,8 @@ from ..ops.registry import (CoupleContext, Frozen, OpRule, RuleKey, describe, lo
                             tensor_shapes)
 from .coupling import Choice, Couple, Freeze, Record, Role, Solution, Space, SpaceTable, solve
 from .group import Group, build_groups
-from .inputs import capture_guarded
-from .trace import ExampleInputs, check_model, normalize_inputs, record_shapes
+from .inputs import capture_guarded, concrete_args
+from .trace import ExampleInputs, Tracer, check_model, normalize_inputs, record_shapes
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,52 @@ class DependencyGraph:
         self._build()
         self.solution: Solution = solve(self.table, self.records)
         self._groups = build_groups(self.table, self.solution, self.roles)
+        #: The training flag the model had when traced (``forward`` may branch on it).
+        self.traced_training = model.training
+        #: Modules with parameters that only the other training mode's forward calls
+        #: (GoogLeNet's auxiliary heads when traced in eval mode); this graph does not see them.
+        self.other_mode_modules = self._other_mode_modules(leaf_modules)
+
+    def _other_mode_modules(self, leaf_modules: Iterable[Any]) -> list[str]:
+        if self.graph_module.meta.get("structprune_capture") == "export":
+            return []
+        model = self.model
+        flags = [(m, m.training) for m in model.modules()]
+        try:
+            model.train(not model.training)
+            other = Tracer(self.rules, leaf_modules).trace(
+                model, concrete_args=concrete_args(model, self.args, self.kwargs) or None)
+        except Exception:  # the other mode does not trace: nothing to compare
+            return []
+        finally:
+            for m, flag in flags:
+                m.training = flag
+
+        def used(graph: fx.Graph) -> set[str]:
+            out = set()
+            for n in graph.nodes:
+                if n.op == "call_module":
+                    out.add(str(n.target))
+                elif n.op == "get_attr":
+                    out.add(str(n.target).rpartition(".")[0])
+            return out
+
+        here = used(self.graph_module.graph)
+        covered = lambda p: any(p == h or p.startswith(h + ".") for h in here)  # noqa: E731
+        touched = lambda p: any(h == p or h.startswith(p + ".") for h in here)  # noqa: E731
+        out: list[str] = []
+        for path in sorted(used(other) - here):
+            if not path or covered(path):
+                continue
+            while "." in path and not touched(path.rpartition(".")[0]):
+                path = path.rpartition(".")[0]  # the largest module this mode leaves out
+            try:
+                mod = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if path not in out and any(True for _ in mod.parameters()):
+                out.append(path)
+        return out
 
     # --- construction --------------------------------------------------------------------------
     def _add_spaces(self) -> None:
