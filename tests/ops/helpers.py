@@ -17,3 +17,17 @@ def copy_sliced(ref, src, keep=None):
         out[k] = v
     ref.load_state_dict(out)
     return ref
+
+
+def random_drops(graph, seed=0):
+    """``{group id: sorted unit indices}``: a random non-empty, non-total subset of the units of
+    every group with at least two units (what the fuzz and shape-query tests prune)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    drops = {}
+    for g in graph.groups():
+        if g.num_units >= 2:
+            k = int(rng.integers(1, g.num_units))
+            drops[g.id] = torch.as_tensor(np.sort(rng.choice(g.num_units, k, replace=False)))
+    return drops

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import operator
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -28,6 +27,7 @@ from structprune.ops.registry import op_name, registry
 from structprune.plan import Plan
 from structprune.pruner import Pruner
 from structprune.testing import masked_output, max_rel_diff, run
+from tests.ops.helpers import random_drops
 
 aten = torch.ops.aten
 D = torch.float64
@@ -106,12 +106,7 @@ def check(key, sample, seed=0):
     model = Wrap(_callable(key), sample, inputs).double().eval()
     pruner = Pruner(model, inputs)
     graph = pruner.graph
-    rng = np.random.default_rng(seed)
-    drops = {}
-    for g in graph.groups():
-        if g.num_units >= 2:
-            k = int(rng.integers(1, g.num_units))
-            drops[g.id] = torch.as_tensor(np.sort(rng.choice(g.num_units, k, replace=False)))
+    drops = random_drops(graph, seed)
     if not drops:
         return 0.0, 0
     plan = Plan(graph, drops)

@@ -7,7 +7,6 @@ pruning the dim would change that value, and the masked original would not: the 
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -16,6 +15,7 @@ import structprune as sp
 from structprune.graph.coupling import Space
 from structprune.plan import Plan
 from structprune.pruner import Pruner
+from tests.ops.helpers import random_drops
 from structprune.testing import assert_rule, masked_output, max_rel_diff, run
 
 D = torch.float64
@@ -26,12 +26,7 @@ def oracle_on_every_group(model, x, seed=0):
     many units went, the graph)."""
     pruner = Pruner(model, x)
     graph = pruner.graph
-    rng = np.random.default_rng(seed)
-    drops = {}
-    for g in graph.groups():
-        if g.num_units >= 2:
-            k = int(rng.integers(1, g.num_units))
-            drops[g.id] = torch.as_tensor(np.sort(rng.choice(g.num_units, k, replace=False)))
+    drops = random_drops(graph, seed)
     plan = Plan(graph, drops)
     got = run(pruner.apply(plan), x)
     return max_rel_diff(got, masked_output(graph, plan)), plan.num_dropped(), graph
