@@ -70,6 +70,15 @@ def example_values(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any
     return out
 
 
+def _given(model: nn.Module, args: tuple, kwargs: dict) -> set[str]:
+    """Names of the forward parameters the example inputs pass (not left to their defaults)."""
+    sig = _signature(model)
+    if sig is None:
+        return set(kwargs)
+    positional = [p.name for p in _plain_params(sig) if p.kind != p.KEYWORD_ONLY]
+    return set(positional[:len(args)]) | set(kwargs)
+
+
 def concrete_args(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The arguments fx should trace as constants: ``None``, bools and strings (they steer
     Python control flow; a ``Proxy`` would take the wrong branch of ``if extra is not None``)."""
@@ -147,6 +156,8 @@ def specialise(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
         v = values[name]
         if _holds_tensor(v):
             continue
+        if not _atomic(v) and name not in _given(model, args, kwargs):
+            continue  # a default the user did not pass, and we cannot check: left as it is
         if not _atomic(v):
             raise TraceError(
                 f"{type(model).__name__}: argument '{name}' ({type(v).__name__}) is fixed to its "
@@ -219,7 +230,7 @@ def _add_missing_placeholders(graph: fx.Graph, placeholders: list[fx.Node],
     for p in params:
         n = have.get(p.name)
         if n is None:
-            if p.name not in values:
+            if p.name not in values or not _atomic(values[p.name]):
                 continue
             with graph.inserting_before(next(iter(graph.nodes))):
                 n = graph.placeholder(p.name)
