@@ -338,7 +338,7 @@ def _apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
                            f"forward reads a tensor that is not a parameter, buffer or module "
                            f"attribute (fx lifted it as '{constants[0]}'), so the rewritten "
                            f"graph is returned")
-        problem = _own_forward_differs(model_c, gm_c, example_inputs, graph.traced_training)
+        problem = _own_forward_differs(model_c, gm_c, graph, example_inputs)
         if problem:
             return Applied(plain_module(gm_c), False,
                            f"the model's own forward {problem} on the pruned modules, so the "
@@ -348,16 +348,76 @@ def _apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
                                       f"modules, so an object of that class is returned")
 
 
-def _own_forward_differs(model: nn.Module, gm: fx.GraphModule,
-                         example_inputs: tuple[tuple, dict], training: bool = False) -> str:
-    """Why ``model`` (its own forward) does not compute what ``gm`` computes on the example
-    inputs and on random inputs like them, or ``""`` when it does (the same values up to float
-    rounding)."""
+def _own_forward_differs(model: nn.Module, gm: fx.GraphModule, graph: Any,
+                         example_inputs: tuple[tuple, dict]) -> str:
+    """Why ``model`` (its own forward, on the pruned modules) does not compute what the pruned
+    graph ``gm`` computes, or ``""`` when it does.
+
+    Exact and cheap where it can be: ``model`` is traced again, the same way, and must give
+    ``gm``'s graph node for node (a forward that reads a pruned attribute, branches on one or
+    bakes one into a literal traces to another graph). A module the tracer replaces by a
+    functional equivalent (``nn.MultiheadAttention``) runs its own forward in the model, so
+    there the outputs are compared instead, on the example inputs and random ones like them.
+    """
+    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return _retrace_differs(model, gm, graph, example_inputs)
     for inputs in (example_inputs, _random_like(example_inputs)):
-        problem = _outputs_differ(model, gm, inputs, training)
+        problem = _outputs_differ(model, gm, inputs, graph.traced_training)
         if problem:
             return problem
     return ""
+
+
+def _retrace_differs(model: nn.Module, gm: fx.GraphModule, graph: Any,
+                     example_inputs: tuple[tuple, dict]) -> str:
+    from .graph.inputs import capture_guarded
+
+    args, kwargs = example_inputs
+    try:
+        again = capture_guarded(model, graph.rules, graph._leaf_modules, args, kwargs,
+                                with_inputs=False)
+    except Exception as exc:  # the pruned model's forward does not trace any more
+        return f"fails to trace ({type(exc).__name__})"
+    if not same_graph(again.graph, gm.graph):
+        return ("traces to another graph than the pruned one (it reads something the graph "
+                "fixed, such as a module attribute)")
+    return _dead_code_fails(model, graph, example_inputs)
+
+
+def _dead_code_fails(model: nn.Module, graph: Any, example_inputs: tuple[tuple, dict]) -> str:
+    """The analysis graph leaves out computations whose results nothing reads; the model's own
+    forward still runs them. Run the whole forward, as traced, on the meta device (shapes
+    only): a dead computation that no longer fits the pruned sizes fails here."""
+    from .graph.inputs import concrete_args
+    from .graph.trace import ShapeInterpreter, Tracer
+
+    args, kwargs = example_inputs
+    try:
+        raw = Tracer(graph.rules, graph._leaf_modules).trace(
+            model, concrete_args=concrete_args(model, args, kwargs) or None)
+        whole = fx.GraphModule(model, raw)
+        ShapeInterpreter(whole, meta=True).run_graph(placeholder_values(whole, args, kwargs))
+    except Exception as exc:
+        return f"fails ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+    return ""
+
+
+def same_graph(a: fx.Graph, b: fx.Graph) -> bool:
+    """Whether two graphs have the same nodes in the same order: ops, targets and arguments
+    (nodes matched by position, values by ``==``)."""
+    na, nb = list(a.nodes), list(b.nodes)
+    if len(na) != len(nb):
+        return False
+    match: dict[fx.Node, fx.Node] = {}
+    for x, y in zip(na, nb):
+        if x.op != y.op or not _same(x.target, y.target):
+            return False
+        args = fx.node.map_arg(x.args, lambda n: match.get(n, n))
+        kwargs = fx.node.map_arg(x.kwargs, lambda n: match.get(n, n))
+        if not (_same(args, y.args) and _same(kwargs, y.kwargs)):
+            return False
+        match[x] = y
+    return True
 
 
 def _random_like(example_inputs: tuple[tuple, dict]) -> tuple[tuple, dict]:
@@ -604,12 +664,11 @@ def apply_plan_(plan: Plan, example_inputs: tuple[tuple, dict],
             _update_and_check(gm, plan, dropped, example_inputs)
             if snap.calls_changed():
                 raise literal_sizes_error(model)
-            problem = _own_forward_differs(model, gm, example_inputs, graph.traced_training)
+            problem = _own_forward_differs(model, gm, graph, example_inputs)
             if problem:
-                raise PlanError(f"{type(model).__name__} cannot be pruned in place: its own "
-                                f"forward {problem} on the pruned modules (it reads something "
-                                f"the pruned graph does not, e.g. a module attribute). Use "
-                                f"sp.prune(...), which returns the rewritten graph.")
+                raise PlanError(f"{type(model).__name__} cannot be pruned in place: on the "
+                                f"pruned modules its own forward {problem}. Use sp.prune(...), "
+                                f"which returns the rewritten graph.")
             add_guard_hook(model, gm.meta.get("structprune_specialised", {}))
         except BaseException:
             snap.restore()
