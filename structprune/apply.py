@@ -370,18 +370,25 @@ def _own_forward_differs(model: nn.Module, gm: fx.GraphModule, graph: Any,
 
 def _retrace_differs(model: nn.Module, gm: fx.GraphModule, graph: Any,
                      example_inputs: tuple[tuple, dict]) -> str:
-    from .graph.inputs import capture_guarded
+    from .graph.inputs import concrete_args, specialise
+    from .graph.trace import Tracer, _drop_unused, analysis_module
 
     args, kwargs = example_inputs
+    concrete = concrete_args(model, args, kwargs)
     try:
-        again = capture_guarded(model, graph.rules, graph._leaf_modules, args, kwargs,
-                                with_inputs=False)
+        tracer = Tracer(graph.rules, graph._leaf_modules)
+        again = tracer.trace(model, concrete_args=concrete or None)
+        n_nodes = len(again.nodes)
+        _drop_unused(again)  # as the capture did
+        dead = len(again.nodes) != n_nodes
+        again_gm = analysis_module(tracer.root, again, type(model).__name__)
+        specialise(again_gm, model, args, kwargs, concrete)
     except Exception as exc:  # the pruned model's forward does not trace any more
         return f"fails to trace ({type(exc).__name__})"
-    if not same_graph(again.graph, gm.graph):
+    if not same_graph(again_gm.graph, gm.graph):
         return ("traces to another graph than the pruned one (it reads something the graph "
                 "fixed, such as a module attribute)")
-    return _dead_code_fails(model, graph, example_inputs)
+    return _dead_code_fails(model, graph, example_inputs) if dead else ""
 
 
 def _dead_code_fails(model: nn.Module, graph: Any, example_inputs: tuple[tuple, dict]) -> str:
