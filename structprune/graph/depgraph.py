@@ -6,6 +6,8 @@ one vectorised pass and builds the groups.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -79,6 +81,18 @@ def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module]) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    """Whether a module class's code mentions ``training`` (so that its traced forward may
+    depend on the mode); True where the source cannot be read."""
+    if cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Module, fx.GraphModule):
+        return False
+    try:
+        return "training" in inspect.getsource(cls)
+    except (OSError, TypeError):
+        return True
+
+
 class DependencyGraph:
     """The coupled view of one model: spaces, units, groups and what is frozen.
 
@@ -125,10 +139,14 @@ class DependencyGraph:
         if self.graph_module.meta.get("structprune_capture") == "export":
             return []
         model = self.model
+        tracer = Tracer(self.rules, leaf_modules)
+        if not any(_reads_training(type(m)) for path, m in model.named_modules()
+                   if m is model or not tracer.is_leaf_module(m, path)):
+            return []  # no code the trace runs looks at the mode: both modes trace alike
         flags = [(m, m.training) for m in model.modules()]
         try:
             model.train(not model.training)
-            other = Tracer(self.rules, leaf_modules).trace(
+            other = tracer.trace(
                 model, concrete_args=concrete_args(model, self.args, self.kwargs) or None)
         except Exception:  # the other mode does not trace: nothing to compare
             return []
