@@ -44,6 +44,16 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+STRICT_ENV = "STRUCTPRUNE_STRICT"
+
+
+def strict_enabled() -> bool:
+    """Whether a rule that raises while coupling is an error instead of a frozen op
+    (``STRUCTPRUNE_STRICT`` set to 1/true/yes/on; the test suite sets it): a broken rule must
+    not look like "nothing prunable"."""
+    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message`` of ``exc``: its first sentence when the line is long,
     cut to ``limit`` characters."""

@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import PlanError
+from ..diagnostics import strict_enabled
+from ..errors import PlanError, UnsupportedOpError
 from ..ops.registry import (CoupleContext, Frozen, OpRule, RuleKey, describe, lookup, registry,
                             tensor_shapes)
 from .coupling import Choice, Couple, Freeze, Record, Role, Solution, Space, SpaceTable, solve
@@ -276,6 +277,9 @@ class DependencyGraph:
         try:
             produced = list(rule.couple(ctx))
         except Exception as exc:  # a rule that cannot read this call: freeze, never guess
+            if strict_enabled():
+                raise UnsupportedOpError(f"strict mode: {type(rule).__name__} raised on "
+                                         f"{n.format_node()}: {type(exc).__name__}: {exc}") from exc
             reason = (f"{type(rule).__name__} cannot handle this call "
                       f"({type(exc).__name__}: {exc})")
             self._frozen.append(FrozenEntry(n.name, describe(n), reason))

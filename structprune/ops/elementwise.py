@@ -142,7 +142,9 @@ class PReLURule(OpRule):
 
 
 def _reduced_dims(dim: Any, ndim: int) -> Optional[set[int]]:
-    if dim is None:
+    """The reduced dims, or None for a reduction over all of them (``dim=None``, and ``dim=[]``,
+    which ``sum``/``mean`` and their ATen overloads read as "every dim")."""
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
         return None
     if isinstance(dim, int):
         return {dim % ndim}
