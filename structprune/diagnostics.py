@@ -158,7 +158,7 @@ class EagerRun:
 
 def run_eagerly(model: nn.Module, args: tuple, kwargs: dict) -> EagerRun:
     """Run ``model(*args, **kwargs)`` once (eval mode, no grad), recording submodule inputs."""
-    from .graph.trace import eval_mode
+    from .modes import eval_mode
 
     run = EagerRun()
     stack: list[str] = []

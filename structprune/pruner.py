@@ -350,7 +350,7 @@ class Pruner:
         if all(getattr(r, "exact", True) for r in plan.graph.node_rules.values()):
             return None
         from .graph.trace import eval_mode
-        from .testing import masked_output
+        from .oracle import masked_output
 
         with eval_mode(plan.graph.graph_module), eval_mode(plan.graph.model):
             return masked_output(plan.graph, plan)
@@ -359,7 +359,7 @@ class Pruner:
         if reference is None:
             return
         from .graph.trace import eval_mode
-        from .testing import max_rel_diff, run
+        from .oracle import max_rel_diff, run
 
         with eval_mode(pruned):
             dev = max_rel_diff(run(pruned, self.example_inputs), reference)

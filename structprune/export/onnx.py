@@ -47,7 +47,7 @@ def _export(model: nn.Module, args: tuple, path: str, exporter: str, dynamic_bat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            from ..testing import flatten_outputs
+            from ..oracle import flatten_outputs
 
             with torch.no_grad():
                 n_out = len(flatten_outputs(model(*args)))
@@ -101,7 +101,7 @@ def _check(m: nn.Module, args: tuple, path: str, rtol: float, atol: float, expor
     import onnx
     import onnxruntime as ort
 
-    from ..testing import flatten_outputs
+    from ..oracle import flatten_outputs
 
     onnx.checker.check_model(onnx.load(path))
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -12,7 +12,6 @@ and every non-tensor value (``x.size(0)``, ``H // 2``) that shape arguments are 
 from __future__ import annotations
 
 import collections
-import contextlib
 import operator
 from typing import Any, Iterable, Iterator, Optional
 
@@ -22,6 +21,7 @@ import torch.nn as nn
 
 from .. import diagnostics
 from ..errors import ModelError, TraceError
+from ..modes import eval_mode as eval_mode
 from ..ops.registry import OpRule, RuleKey, has_module_rule
 
 ExampleInputs = Any  # a tensor, a tuple of positional inputs, or a dict of keyword inputs
@@ -620,19 +620,6 @@ class _Recorder(ShapeInterpreter):
         if not isinstance(out, torch.Tensor) and self.shapes[n.name] is None:
             self.values[n.name] = out
         return out
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run in eval mode (no running-stat updates, no dropout), then restore every module's flag."""
-    training = [m for m in module.modules() if m.training]
-    for m in training:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m in training:
-            m.training = True
 
 
 def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
