@@ -227,3 +227,24 @@ def test_modules_only_the_other_mode_runs_are_said_and_train_mode_prunes_them():
     assert isinstance(got, tuple) and max_rel_diff(got, want) < 1e-9
     p.eval()
     assert p(x).shape == (4, 5)
+
+
+def test_defaulted_parameters_and_var_kwargs_keep_a_valid_signature():
+    class HFLike(nn.Module):  # forward(input_ids=None, attention_mask=None, **kwargs)
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x=None, mask=None, **kwargs):
+            if x.shape[0] > 1:  # torch.export captures it
+                x = x + 1
+            h = F.relu(self.a(x))
+            if kwargs.get("return_dict") is False:
+                return (self.b(h),)
+            return {"logits": self.b(h)}
+
+    x = torch.randn(3, 4)
+    p = sp.prune(HFLike(), {"x": x, "return_dict": False}, ratio=0.5)
+    assert isinstance(p(x=x, return_dict=False), tuple)
+    with pytest.raises(AssertionError, match="return_dict=False"):
+        p(x=x)  # left out: the original would return a dict

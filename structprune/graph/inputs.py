@@ -167,6 +167,7 @@ def specialise(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
         if isinstance(v, float) and math.isnan(v):
             continue
         guarded[name] = v
+    _defaults_in_order(placeholders, defaults)
     if leaves:
         _guard_leaves(gm, placeholders[-1], leaves, type(model).__name__)
     if guarded:
@@ -181,6 +182,26 @@ def specialise(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
                     graph.call_function(torch._assert, (cond, msg))
         gm.recompile()
     gm.meta["structprune_specialised"] = guarded
+
+
+def _defaults_in_order(placeholders: list[fx.Node], named: dict[str, Any]) -> None:
+    """Keep the generated signature valid Python: no argument without a default after one with.
+
+    A keyword input that ``**kwargs`` takes follows the named parameters; leaving it out is
+    what ``kwargs.get(name)`` reads as None, so None is its default (a guard then refuses the
+    call where the graph was captured for another value). Should a named parameter without a
+    default still follow a defaulted one, the defaults before it are dropped."""
+    seen_default = False
+    for k, n in enumerate(placeholders):
+        if n.args:
+            seen_default = True
+        elif seen_default:
+            if str(n.target) not in named:
+                n.args = (None,)
+            else:
+                for m in placeholders[:k]:
+                    m.args = ()
+                seen_default = False
 
 
 def _constant_leaves(v: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
