@@ -14,6 +14,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -51,6 +52,14 @@ class SDPARule(OpRule):
                 yield Couple(ctx.space(t, -3), ctx.space(q, -3), np.repeat(np.arange(sk[-3]), g),
                              np.arange(sq[-3]))
         mask = ctx.arg(3, "attn_mask")
+        sm = ctx.shape(mask) if isinstance(mask, fx.Node) else None
+        if sm is not None:
+            # A mask or additive bias broadcasts to (..., H, L, S): its batch and head dims are
+            # the output's (T5's position bias has one row per head); its position dims stay.
+            for d in range(nb):
+                dm = len(sm) - len(so) + d
+                if dm >= 0 and sm[dm] == so[d] and so[d] != 1:
+                    yield Couple(ctx.space(mask, dm), ctx.out(d))
         if bool(ctx.value(ctx.arg(5, "is_causal", False))) or mask is not None:
             # A causal or explicit mask is aligned by query position: those stay whole.
             reason = "the attention mask is aligned by query position"
