@@ -41,9 +41,37 @@ def _float32(x: Any) -> Any:
     return x
 
 
-def _export(model: nn.Module, args: tuple, path: str, exporter: str, dynamic_batch: bool,
-            names: list[str]) -> None:
-    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+AxesSpec = dict[Any, dict[int, str]]  # input index or name -> {dim: symbolic name}
+
+
+def _axes(names: list[str], args: tuple, dynamic_batch: bool,
+          dynamic_axes: Optional[AxesSpec]) -> Optional[dict[str, dict[int, str]]]:
+    """``{input name: {dim: name}}``: the user's ``dynamic_axes`` (by input index or name; an
+    input left out has static dims), else dim 0 of every tensor input as ``batch``."""
+    if dynamic_axes is None:
+        if not dynamic_batch:
+            return None
+        tensors = [(n, a) for n, a in zip(names, args) if isinstance(a, torch.Tensor) and a.dim()]
+        if not tensors:
+            return None
+        batch = tensors[0][1].shape[0]  # inputs whose dim 0 is another size are not batched
+        return {n: {0: "batch"} for n, a in tensors if a.shape[0] == batch}
+    out = {}
+    for key, dims in dynamic_axes.items():
+        name = names[key] if isinstance(key, int) and 0 <= key < len(names) else key
+        if name not in names:
+            raise ExportError(f"dynamic_axes names input {key!r}, but the inputs are "
+                              f"{', '.join(names)} (or their positions 0..{len(names) - 1})")
+        a = args[names.index(name)]
+        bad = [d for d in dims if not isinstance(a, torch.Tensor) or not 0 <= d < a.dim()]
+        if bad:
+            raise ExportError(f"dynamic_axes: input {name} has no dim {bad[0]}")
+        out[name] = {int(d): str(v) for d, v in dims.items()}
+    return out
+
+
+def _export(model: nn.Module, args: tuple, path: str, exporter: str,
+            axes: Optional[dict[str, dict[int, str]]], names: list[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
@@ -58,9 +86,11 @@ def _export(model: nn.Module, args: tuple, path: str, exporter: str, dynamic_bat
                               dynamic_axes=axes, opset_version=17, dynamo=False)
         else:
             shapes = None
-            if dynamic_batch:
-                batch = torch.export.Dim("batch")
-                shapes = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
+            if axes:
+                dims: dict[str, Any] = {}
+                shapes = tuple({d: dims.setdefault(v, torch.export.Dim(v))
+                                for d, v in axes.get(n, {}).items()} or None
+                               for n in names)
             prog = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=shapes,
                                      input_names=names)
             prog.save(path)
@@ -68,8 +98,13 @@ def _export(model: nn.Module, args: tuple, path: str, exporter: str, dynamic_bat
 
 def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, check: bool = True,
                 exporter: Exporter = "auto", dynamic_batch: bool = True, rtol: float = 1e-3,
-                atol: float = 1e-4) -> ExportResult:
+                atol: float = 1e-4, dynamic_axes: Optional[AxesSpec] = None) -> ExportResult:
     """Export ``model`` to ``path``; with ``check``, verify it with onnx and onnxruntime.
+
+    Inputs are named ``input_0``, ``input_1``, ... With ``dynamic_batch`` dim 0 is a symbolic
+    ``batch`` for every tensor input whose dim 0 has the first input's size (others stay static); ``dynamic_axes`` says it per input instead, keyed by position
+    or name, e.g. ``{0: {0: "nodes"}, 1: {1: "edges"}}`` for ``(x [N, F], edge_index [2, E])``
+    (inputs it leaves out keep static shapes).
 
     The model is exported in float32 (a copy; the model is not changed) because onnxruntime's CPU
     kernels are float32. Raises :class:`ExportError` naming the exporter(s) and the failure.
@@ -80,12 +115,13 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, chec
     m = copy.deepcopy(model).float().eval()
     args = _float32(args)
     names = [f"input_{i}" for i in range(len(args))]
+    axes = _axes(names, args, dynamic_batch, dynamic_axes)
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     errors = []
     used = None
     for ex in order:
         try:
-            _export(m, args, path, ex, dynamic_batch, names)
+            _export(m, args, path, ex, axes, names)
             used = ex
             break
         except Exception as exc:  # exporters raise many types
