@@ -248,3 +248,65 @@ def test_defaulted_parameters_and_var_kwargs_keep_a_valid_signature():
     assert isinstance(p(x=x, return_dict=False), tuple)
     with pytest.raises(AssertionError, match="return_dict=False"):
         p(x=x)  # left out: the original would return a dict
+
+
+class StdConv(nn.Conv2d):
+    """Overrides only ``_conv_forward`` (weight standardisation over the fan-in)."""
+
+    def _conv_forward(self, x, w, b):
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, w, b)
+
+
+def test_a_subclass_that_overrides_any_method_does_not_inherit_its_base_rule():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), StdConv(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 10, 10)
+    graph = sp.trace(m, x)
+    assert not graph.modules.get("2") or "2" not in {
+        str(n.target) for n in graph.graph_module.graph.nodes if n.op == "call_module"}
+    # traced through: the standardisation's reduction over the fan-in keeps it whole
+    assert all(mem.qualname != "2.weight" or mem.dim != 1
+               for g in graph.groups() for mem in g.params)
+    pruner = sp.Pruner(m, x, ratio=0.5)
+    plan = pruner.plan()
+    assert not plan.is_empty  # the first conv's channels that only feed ... stay exact
+    assert max_rel_diff(pruner.apply(plan)(x), masked_output(pruner.graph, plan)) < 1e-5
+
+
+def test_hooks_freeze_their_module_or_are_refused_on_the_model():
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    m[0].register_forward_hook(lambda mod, i, o: o - o.mean(1, keepdim=True))
+    x = torch.randn(2, 3, 6, 6)
+    graph = sp.trace(m, x)
+    assert not graph.groups() and any("forward hooks" in e.reason for e in graph.frozen())
+    root = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    root.register_forward_hook(lambda mod, i, o: o * 2)
+    with pytest.raises(sp.ModelError, match="forward hooks on the model itself"):
+        sp.prune(root, x)
+
+
+def test_parametrized_weights_are_refused_with_the_fix():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), weight_norm(nn.Conv2d(8, 4, 1)))
+    with pytest.raises(sp.ModelError, match="remove_parametrizations"):
+        sp.prune(m, torch.randn(2, 3, 6, 6))
+
+
+def test_training_branches_in_inherited_code_are_seen():
+    class Base(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = F.relu(self.stem(x))
+            return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+    class Child(Base):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Conv2d(8, 2, 1)
+
+    with pytest.warns(sp.StructpruneWarning, match="aux run only in training mode"):
+        sp.prune(Child().eval(), torch.randn(2, 3, 6, 6))

@@ -23,7 +23,7 @@ from ..ops.registry import (CoupleContext, Frozen, OpRule, RuleKey, describe, lo
 from .coupling import Choice, Couple, Freeze, Record, Role, Solution, Space, SpaceTable, solve
 from .group import Group, build_groups
 from .inputs import capture_guarded, concrete_args
-from .trace import ExampleInputs, Tracer, check_model, normalize_inputs, record_shapes
+from .trace import ExampleInputs, Tracer, check_model, has_forward_hooks, normalize_inputs, record_shapes
 
 
 @dataclass(frozen=True)
@@ -86,12 +86,16 @@ def resolve_ignore(model: nn.Module, ignore: Iterable[nn.Module]) -> list[str]:
 def _reads_training(cls: type) -> bool:
     """Whether a module class's code mentions ``training`` (so that its traced forward may
     depend on the mode); True where the source cannot be read."""
-    if cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Module, fx.GraphModule):
-        return False
-    try:
-        return "training" in inspect.getsource(cls)
-    except (OSError, TypeError):
-        return True
+    plain = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Module, fx.GraphModule, object)
+    for c in cls.__mro__:  # inherited code counts: a subclass may only define __init__
+        if c in plain:
+            continue
+        try:
+            if "training" in inspect.getsource(c):
+                return True
+        except (OSError, TypeError):
+            return True
+    return False
 
 
 class DependencyGraph:
@@ -263,6 +267,9 @@ class DependencyGraph:
             return [Couple(s, Space("@" + str(n.target), s.dim)) for s in self._node_spaces(n)]
         module = self.modules.get(str(n.target)) if n.op == "call_module" else None
         rule = lookup(n, module, self.rules)
+        if module is not None and has_forward_hooks(module):
+            rule = Frozen(f"module '{n.target}' has forward hooks, which run inside it where "
+                          f"the trace cannot see what they compute")
         self.node_rules[n.name] = rule
         own = self._node_spaces(n)
         inputs = [s for a in n.all_input_nodes for s in self._node_spaces(a)]

@@ -57,6 +57,34 @@ def check_model(model: nn.Module) -> None:
                              f"afterwards.")
 
 
+    if has_forward_hooks(model):
+        raise ModelError(f"{type(model).__name__} has forward hooks on the model itself: they run "
+                         f"outside the forward that structprune traces. Remove them before "
+                         f"pruning (and add them to the pruned model).")
+    from torch.nn.utils import parametrize
+
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            raise ModelError(f"module '{name}' ({type(m).__name__}) is parametrized (weight_norm, "
+                             f"spectral_norm, ...): its weight is computed at every call. Call "
+                             f"torch.nn.utils.parametrize.remove_parametrizations(module, "
+                             f"'weight') first.")
+        for k, v in vars(m).items():
+            if isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                raise ModelError(f"module '{name}' ({type(m).__name__}) holds '{k}', a tensor "
+                                 f"computed by a hook (old-style torch.nn.utils.weight_norm?). "
+                                 f"Remove the reparametrisation first "
+                                 f"(torch.nn.utils.remove_weight_norm).")
+
+
+def has_forward_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has forward (pre-)hooks of its own, structprune's argument guard aside."""
+    from .inputs import _guard_hook
+
+    hooks = list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
+    return any(getattr(h, "func", None) is not _guard_hook for h in hooks)
+
+
 # How to convert a pruned float32 model back to the dtype the user started from.
 _BACK_TO = {torch.float16: ".half()", torch.bfloat16: ".to(torch.bfloat16)"}
 

@@ -104,11 +104,30 @@ def _module_rule(module: nn.Module, rules: dict[RuleKey, OpRule]) -> Optional[Op
         return rules[cls]
     for base in cls.__mro__[1:]:
         if base in rules and issubclass(base, nn.Module):
-            # A subclass inherits its base's rule only if it computes the same thing.
-            if getattr(cls, "forward") is getattr(base, "forward"):
-                return rules[base]
-            return None
+            # A subclass inherits its base's rule only if it computes the same thing: it
+            # overrides none of the base's methods (a Conv2d subclass may change the weight
+            # in ``_conv_forward`` and keep ``forward``), its construction and repr aside.
+            return rules[base] if _same_computation(cls, base) else None
     return None
+
+
+_NOT_COMPUTATION = {"__init__", "extra_repr", "reset_parameters", "__repr__", "__setstate__",
+                    "_check_input_dim", "_load_from_state_dict", "_get_name", "__init_subclass__"}
+
+
+def _same_computation(cls: type, base: type) -> bool:
+    """Whether subclass ``cls`` leaves every method of ``base`` (and of its ancestors below
+    ``nn.Module``) as it is, apart from construction and representation."""
+    for c in base.__mro__:
+        if c is nn.Module or not issubclass(c, nn.Module):
+            break
+        for k, v in vars(c).items():
+            if k in _NOT_COMPUTATION or not (callable(v) or isinstance(
+                    v, (staticmethod, classmethod, property))):
+                continue
+            if getattr(cls, k, None) is not getattr(base, k, None):
+                return False
+    return True
 
 
 def has_module_rule(module: nn.Module, rules: dict[RuleKey, OpRule]) -> bool:
