@@ -22,6 +22,7 @@ from .errors import PlanError, UnsupportedOpError
 from .graph.coupling import Space
 from .graph.inputs import add_guard_hook
 from .graph.trace import ShapeInterpreter, placeholder_values, plain_module
+from .oracle import flatten_outputs
 from .plan import Plan
 from .scratch import scratch_space, temporary
 
@@ -475,7 +476,7 @@ def _outputs_differ(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple[
             got = call(model, *args, **kwargs)
     except Exception as exc:  # the model's forward cannot run on the smaller modules
         return f"fails ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
-    a, b = _tensors_in(got), _tensors_in(want)
+    a, b = flatten_outputs(got), flatten_outputs(want)
     if len(a) != len(b):
         return "returns another structure"
     for x, y in zip(a, b):
@@ -488,16 +489,6 @@ def _outputs_differ(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple[
         elif not torch.equal(x, y):
             return "computes different values"
     return ""
-
-
-def _tensors_in(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in out for t in _tensors_in(out[k])]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors_in(o)]
-    return []
 
 
 def _update_and_check(gm: fx.GraphModule, plan: Plan, dropped: dict[Space, np.ndarray],

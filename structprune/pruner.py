@@ -234,7 +234,7 @@ class Pruner:
     def scores(self) -> dict[int, torch.Tensor]:
         """One score per unit for every group the importance can score."""
         out = {}
-        with _calibration_gradients(self):
+        with _CalibrationGradients(self):
             with scratch_space(), scoring_pass():
                 groups = self.graph.groups()
                 raw = [(g, self.importance(g, self.graph)) for g in groups]
@@ -444,7 +444,7 @@ def _drop_grads(model: nn.Module) -> None:
         p.grad = None
 
 
-class _calibration_gradients:
+class _CalibrationGradients:
     """While scoring: the gradients of the pruner's ``loss_fn`` over ``data`` in ``.grad``
     (when the importance needs gradients and data was given); the model's own gradients are
     put back afterwards."""

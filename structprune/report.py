@@ -60,6 +60,8 @@ class Report:
     #: of the pruned output from the masked original, measured on the example inputs. None:
     #: every rule was exact (the pruned model equals the masked original).
     deviation: Optional[float] = None
+    #: ``{reason: [node, ...]}`` over the frozen entries, in first-seen order.
+    frozen_reasons: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def params_kept(self) -> float:
@@ -80,16 +82,8 @@ class Report:
                             "units_after": g.units_after, "unit_width": g.width,
                             "ignored": g.ignored}
                            for g in self.groups],
-                "frozen": self.frozen, "frozen_reasons": self.frozen_reasons(),
+                "frozen": self.frozen, "frozen_reasons": self.frozen_reasons,
                 "returned": self.returned, "deviation": self.deviation}
-
-    def frozen_reasons(self) -> dict[str, list[str]]:
-        """``{reason: [node, ...]}`` over the frozen entries, in first-seen order."""
-        out: dict[str, list[str]] = {}
-        for entry in self.frozen:
-            node, _, reason = entry.partition(": ")
-            out.setdefault(reason or entry, []).append(node)
-        return out
 
     def table(self, max_groups: int = 40) -> str:
         def num(n: int) -> str:
@@ -115,7 +109,7 @@ class Report:
                 lines.append(f"  ... {len(self.groups) - max_groups} more groups")
         if self.frozen:
             lines.append(f"frozen ({len(self.frozen)} nodes), by reason:")
-            for reason, nodes in self.frozen_reasons().items():
+            for reason, nodes in self.frozen_reasons.items():
                 more = f", +{len(nodes) - 3}" if len(nodes) > 3 else ""
                 lines.append(f"  {reason}  [{', '.join(nodes[:3])}{more}]")
         if self.returned:
@@ -158,7 +152,14 @@ def report(model: nn.Module, pruned: Optional[nn.Module], example_inputs: Exampl
                   sum(p.numel() for p in pruned.parameters()),
                   count_macs(g0), count_macs(g1), rows, [repr(e) for e in g0.frozen()],
                   _input_shapes(g0.args, g0.kwargs), _returned(model, pruned),
-                  measured_deviation(pruned))
+                  measured_deviation(pruned), _by_reason(g0.frozen()))
+
+
+def _by_reason(entries: list) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for e in entries:
+        out.setdefault(e.reason or "frozen", []).append(e.node)
+    return out
 
 
 def _returned(model: nn.Module, pruned: nn.Module) -> str:

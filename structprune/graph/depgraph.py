@@ -131,6 +131,7 @@ class DependencyGraph:
         self.records: list[Record] = []
         self.roles: dict[Space, str] = {}
         self._frozen: list[FrozenEntry] = []
+        self._head_groups: Optional[set[int]] = None
         self._build()
         self.solution: Solution = solve(self.table, self.records)
         self._groups = build_groups(self.table, self.solution, self.roles)
@@ -316,21 +317,16 @@ class DependencyGraph:
 
     def head_groups(self) -> set[int]:
         """Ids of the groups whose units are attention heads: those with an activation member
-        on the head dim (``-3``) of the query, key or value of a scaled-dot-product attention,
-        or of both operands of a batched matmul of rank >= 4 (``q @ k.transpose(-2, -1)``)."""
-        from ..ops.attention import SDPARule
-        from ..ops.linear import MatmulRule
-
-        head_spaces: set[Space] = set()
-        for n in self.graph_module.graph.nodes:
-            rule = self.node_rules.get(n.name)
-            operands = [a for a in n.args[:3] if isinstance(a, fx.Node)]
-            shapes = [self._tuple_shapes.get(a.name) for a in operands]
-            if not operands or any(s is None or len(s) < 4 for s in shapes):
-                continue
-            if isinstance(rule, SDPARule) or (isinstance(rule, MatmulRule) and len(operands) == 2):
-                head_spaces |= {Space(a.name, len(sh) - 3) for a, sh in zip(operands, shapes)}
-        return {g.id for g in self._groups if any(m.space in head_spaces for m in g.activations)}
+        on a space some node's rule names a head dim (:meth:`OpRule.head_dims`: the query, key
+        and value of a scaled-dot-product attention, the operands of ``q @ k.transpose``)."""
+        if self._head_groups is not None:
+            return set(self._head_groups)
+        head_spaces = {sp for n in self.graph_module.graph.nodes
+                       if n.name in self.node_rules
+                       for sp in self.node_rules[n.name].head_dims(n, self._tuple_shapes)}
+        self._head_groups = {g.id for g in self._groups
+                             if any(m.space in head_spaces for m in g.activations)}
+        return set(self._head_groups)
 
     def frozen(self) -> list[FrozenEntry]:
         """Nodes that are frozen (no rule, a rule's caveat, graph I/O is implied) with reasons."""

@@ -18,8 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.coupling import Couple, Freeze, Record
-from .registry import CoupleContext, OpRule, register
+from ..graph.coupling import Couple, Freeze, Record, Space
+from .registry import CoupleContext, OpRule, head_dim_of, register
 
 
 @register(F.scaled_dot_product_attention)
@@ -68,6 +68,9 @@ class SDPARule(OpRule):
         else:
             yield Couple(ctx.space(q, -2), ctx.out(-2))
         yield Couple(ctx.space(v, -1), ctx.out(-1))
+
+    def head_dims(self, node: fx.Node, shapes: dict[str, tuple[int, ...]]) -> list[Space]:
+        return head_dim_of(list(node.args[:3]), shapes)
 
     def macs(self, mctx: Any) -> int:
         q, k, v = mctx.node.args[:3]

@@ -10,11 +10,12 @@ import operator
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..graph.coupling import Couple, Record, Role, Space
-from .registry import CoupleContext, OpRule, register
+from .registry import CoupleContext, OpRule, head_dim_of, register
 
 
 def linear_couplings(ctx: CoupleContext, x: Any, w_out: Space, w_in: Space,
@@ -105,6 +106,10 @@ def _batch_dims(ctx: CoupleContext, operands: list[tuple[Any, int]], out: Any,
 @register(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm")
 class MatmulRule(OpRule):
     """``a @ b``: contracted dims of a and b are one unit; free dims map to the output."""
+
+    def head_dims(self, node: fx.Node, shapes: dict[str, tuple[int, ...]]) -> list[Space]:
+        """``q @ k.transpose(-2, -1)`` on ``(B, H, T, D)`` operands: dim -3 is the heads."""
+        return head_dim_of(list(node.args[:2]), shapes) if len(node.args) == 2 else []
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         a, b = ctx.arg(0, "input"), ctx.arg(1, "other")

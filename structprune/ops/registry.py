@@ -47,6 +47,11 @@ class OpRule:
     def update(self, actx: Any) -> None:
         """Adjust module attributes or literal node arguments to the new shapes (default: none)."""
 
+    def head_dims(self, node: fx.Node, shapes: dict[str, tuple[int, ...]]) -> list[Space]:
+        """The spaces of this call's operands that are attention heads (what ``head_ratio``
+        prunes apart); default: none."""
+        return []
+
     def macs(self, mctx: Any) -> int:
         """Multiply-accumulates of one call given the shapes in ``mctx`` (default: 0)."""
         return 0
@@ -271,3 +276,11 @@ def tensor_inputs(node: fx.Node, shapes: dict[str, Any]) -> list[fx.Node]:
         if a.name in shapes and shapes[a.name] is not None and a not in out:
             out.append(a)
     return out
+
+
+def head_dim_of(operands: list[Any], shapes: dict[str, tuple[int, ...]]) -> list[Space]:
+    """Dim -3 (heads, in ``(..., H, T, D)``) of each operand, where every operand has rank >= 4."""
+    dims = [shapes.get(a.name) if isinstance(a, fx.Node) else None for a in operands]
+    if not operands or any(d is None or len(d) < 4 for d in dims):
+        return []
+    return [Space(a.name, len(d) - 3) for a, d in zip(operands, dims)]
