@@ -112,15 +112,9 @@ def test_digits_train_prune_with_live_optimizer_train_on(make_opt):
 
 
 def test_prune_in_place_restores_the_optimizer_when_it_fails():
-    class Literal(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8 * 36, 2)
+    from tests.test_pruner import LiteralView
 
-        def forward(self, x):
-            return self.fc(self.conv(x).view(-1, 8 * 36))
-
-    m = Literal()
+    m = LiteralView()
     opt = torch.optim.Adam(m.parameters())
     x = torch.randn(2, 3, 8, 8)
     m(x).sum().backward()
