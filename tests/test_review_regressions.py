@@ -310,3 +310,22 @@ def test_training_branches_in_inherited_code_are_seen():
 
     with pytest.warns(sp.StructpruneWarning, match="aux run only in training mode"):
         sp.prune(Child().eval(), torch.randn(2, 3, 6, 6))
+
+
+def test_an_export_captured_model_refuses_other_input_shapes():
+    class Baked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            if x.shape[0] > 1:  # fx cannot trace this: torch.export captures it
+                x = x * 2
+            return self.b(F.relu(self.a(x))).reshape(2, -1)  # export bakes the batch in
+
+    m = Baked()
+    x = torch.randn(2, 4)
+    p = sp.prune(m, x, ratio=0.5)
+    assert p(x).shape == (2, 3)
+    with pytest.raises(AssertionError, match=r"captured by torch.export for input 'x' of shape"):
+        p(torch.randn(4, 4))  # would reshape 4 rows into 2 without a word

@@ -168,6 +168,8 @@ def specialise(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
             continue
         guarded[name] = v
     _defaults_in_order(placeholders, defaults)
+    if exported:
+        _guard_shapes(gm, placeholders, values, type(model).__name__)
     if leaves:
         _guard_leaves(gm, placeholders[-1], leaves, type(model).__name__)
     if guarded:
@@ -202,6 +204,30 @@ def _defaults_in_order(placeholders: list[fx.Node], named: dict[str, Any]) -> No
                 for m in placeholders[:k]:
                     m.args = ()
                 seen_default = False
+
+
+def _guard_shapes(gm: fx.GraphModule, placeholders: list[fx.Node], values: dict[str, Any],
+                  model_name: str) -> None:
+    """A torch.export graph is specialised to the example shapes (a batch or length may be
+    baked into a ``view``, where another size of the same element count would silently mix
+    rows): check every tensor input's shape at call time."""
+    graph = gm.graph
+    after = placeholders[-1]
+    for ph in placeholders:
+        v = values.get(str(ph.target))
+        if not isinstance(v, torch.Tensor):
+            continue
+        shape = tuple(v.shape)
+        msg = (f"this pruned {model_name} was captured by torch.export for input "
+               f"'{ph.target}' of shape {shape} and computes only that shape; prune again "
+               f"with example inputs of the shape you need")
+        for fn, args in ((getattr, (ph, "shape")), (operator.eq, (None, shape)),
+                         (torch._assert, (None, msg))):
+            args = tuple(after if a is None else a for a in args)
+            node = graph.call_function(fn, args)
+            after.append(node)
+            after = node
+    gm.recompile()
 
 
 def _constant_leaves(v: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
