@@ -44,7 +44,7 @@ def _by_tensor(dropped: dict[Space, np.ndarray]) -> dict[str, list[tuple[int, np
     out: dict[str, list[tuple[int, np.ndarray]]] = {}
     for s, idx in dropped.items():
         if s.is_param and len(idx):
-            out.setdefault(s.key[1:], []).append((s.dim, idx))
+            out.setdefault(s.name, []).append((s.dim, idx))
     return out
 
 
@@ -194,7 +194,13 @@ class ApplyContext:
         return a
 
     def dropped(self, space: Space) -> np.ndarray:
+        """The indices of ``space`` the plan removes (sorted; empty if none)."""
         return self._dropped.get(space, _NONE)
+
+    def space(self, a: fx.Node, dim: int) -> Space:
+        """The space of tensor node ``a`` along ``dim`` (as :meth:`CoupleContext.space`)."""
+        s = self.old_shape(a)
+        return Space.of_node(a, dim % len(s) if s else dim)
 
     def old_shape(self, a: Any) -> Optional[tuple[int, ...]]:
         s = self._shapes.get(a.name)
@@ -204,7 +210,7 @@ class ApplyContext:
         s = self.old_shape(a)
         if s is None:
             return None
-        return tuple(n - len(self.dropped(Space(a.name, d))) for d, n in enumerate(s))
+        return tuple(n - len(self.dropped(Space.of_node(a, d))) for d, n in enumerate(s))
 
     def old_items(self, a: Any) -> Optional[list]:
         s = self._shapes.get(a.name)
@@ -215,7 +221,7 @@ class ApplyContext:
         if items is None:
             return None
         return [None if s is None else tuple(
-            n - len(self.dropped(Space(f"{a.name}#{k}", d))) for d, n in enumerate(s))
+            n - len(self.dropped(Space.item(a.name, k, d))) for d, n in enumerate(s))
             for k, s in enumerate(items)]
 
     def set_arg(self, i: int, name: str, value: Any) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -51,12 +51,12 @@ class MacContext:
         s = self.graph.shapes.get(getattr(a, "name", None))
         if not isinstance(s, torch.Size):
             return None
-        return tuple(self.sizes.get(Space(a.name, d), n) for d, n in enumerate(s))
+        return tuple(self.sizes.get(Space.of_node(a, d), n) for d, n in enumerate(s))
 
     def param_shape(self, name: str) -> tuple[int, ...]:
         qual = f"{self.module_path}.{name}" if self.module_path else name
         t = self.graph.graph_module.get_parameter(qual)
-        return tuple(self.sizes.get(Space("@" + qual, d), n) for d, n in enumerate(t.shape))
+        return tuple(self.sizes.get(Space.param(qual, d), n) for d, n in enumerate(t.shape))
 
 
 def has_formula(rule: OpRule) -> bool:
@@ -166,15 +166,17 @@ class _Measured:
         if n.name not in self._spaces:
             size = self.graph.table.size
             names = {a.name for a in n.all_input_nodes} | {n.name}
-            prefix = f"@{n.target}." if n.op == "call_module" else None
-            out = [(s, k) for s, k in size.items() if s.node_name in names
-                   or (prefix is not None and s.key.startswith(prefix))]
+            owner = str(n.target) if n.op == "call_module" else None
+            out = [(s, k) for s, k in size.items() if s.node in names
+                   or (owner is not None and s.module_path == owner)]
             self._spaces[n.name] = out
         return self._spaces[n.name]
 
     def _count(self, n: fx.Node, sizes: Optional[dict[Space, int]]) -> int:
         """Run ``n`` alone on meta tensors (at ``sizes``, else as traced) under FlopCounterMode."""
-        env = {a: _resized(self.metas[a], a.name, sizes) for a in n.all_input_nodes}
+        env = {a: _resized(self.metas[a], lambda d, a=a: Space.of_node(a, d),
+                           lambda k, d, a=a: Space.item(a.name, k, d), sizes)
+               for a in n.all_input_nodes}
         args = _load_args(n.args, env)
         kwargs = _load_args(n.kwargs, env) if n.kwargs else {}
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -182,16 +184,19 @@ class _Measured:
         return fc.get_total_flops() // 2
 
 
-def _resized(v: Any, name: str, sizes: Optional[dict[Space, int]]) -> Any:
-    """Meta value ``v`` of node ``name`` with the sizes of its spaces in ``sizes``."""
+def _resized(v: Any, space: Callable[[int], Space], item: Optional[Callable[[int, int], Space]],
+             sizes: Optional[dict[Space, int]]) -> Any:
+    """Meta value ``v`` with the sizes ``sizes`` gives its spaces: ``space(d)`` is the space of
+    a tensor's dim ``d``, ``item(k, d)`` that of a tuple's item ``k``."""
     if sizes is None:
         return v
     if isinstance(v, torch.Tensor):
-        shape = [sizes.get(Space(name, d), k) for d, k in enumerate(v.shape)]
+        shape = [sizes.get(space(d), k) for d, k in enumerate(v.shape)]
         return v.new_empty(shape) if list(v.shape) != shape else v
-    if isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v):
-        return type(v)(_resized(x, f"{name}#{k}", sizes) if isinstance(x, torch.Tensor) else x
-                       for k, x in enumerate(v))
+    if (item is not None and isinstance(v, (tuple, list))
+            and any(isinstance(x, torch.Tensor) for x in v)):
+        return type(v)(_resized(x, lambda d, k=k: item(k, d), None, sizes)
+                       if isinstance(x, torch.Tensor) else x for k, x in enumerate(v))
     return v
 
 
@@ -208,7 +213,8 @@ def _call(graph: "DependencyGraph", n: fx.Node, args: Any, kwargs: Any,
     tensors = {}
     for name, t in list(mod.named_parameters()) + list(mod.named_buffers()):
         meta = t.to("meta")
-        tensors[name] = _resized(meta, f"@{n.target}.{name}", sizes)
+        qual = f"{n.target}.{name}"
+        tensors[name] = _resized(meta, lambda d, q=qual: Space.param(q, d), None, sizes)
     with eval_mode(mod):
         return functional_call(mod, tensors, args, kwargs)
 

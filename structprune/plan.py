@@ -97,9 +97,9 @@ class Plan:
         """``{fx node name: [(dim, dropped indices), ...]}`` with every dim that has drops."""
         out: dict[str, list[tuple[int, list[int]]]] = {}
         for s, idx in sorted(self.dropped_indices().items()):
-            if s.is_param or "#" in s.key:
+            if not s.is_node_tensor:
                 continue
-            out.setdefault(s.key, []).append((s.dim, idx.tolist()))
+            out.setdefault(s.name, []).append((s.dim, idx.tolist()))
         return out
 
     def __repr__(self) -> str:

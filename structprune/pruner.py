@@ -520,7 +520,7 @@ def frozen_summary(graph: DependencyGraph, limit: int = 3) -> str:
     pruned_spaces = {m.space for g in graph.groups() for m in g.params}
     sizes: dict[str, int] = {}
     for name, t in list(graph.graph_module.named_parameters()):
-        if not any(Space("@" + name, d) in pruned_spaces for d in range(t.dim())):
+        if not any(Space.param(name, d) in pruned_spaces for d in range(t.dim())):
             mod = name.rpartition(".")[0]
             sizes[mod] = sizes.get(mod, 0) + t.numel()
     reasons: dict[str, str] = {}  # node name -> why it is frozen

@@ -69,7 +69,7 @@ def assert_oracle(pruner: Pruner, plan: Optional[Plan] = None, tol: float = 1e-5
     # Exactly the members' parameter slices are gone, and every other parameter keeps its shape.
     dropped = plan.dropped_indices()
     for name, t in graph.graph_module.named_parameters():
-        want_shape = tuple(n - len(dropped.get(Space("@" + name, d), ())) for d, n in
+        want_shape = tuple(n - len(dropped.get(Space.param(name, d), ())) for d, n in
                            enumerate(t.shape))
         got_t = dict(pruned.named_parameters()).get(name)
         assert got_t is not None and tuple(got_t.shape) == want_shape, \
@@ -97,7 +97,7 @@ def plan_dropping(graph: DependencyGraph, drop: dict[str, Sequence[int]]) -> Pla
         found = False
         for g in graph.groups():
             for m in g.activations:
-                if m.space.key != node:
+                if not m.space.is_node_tensor or m.space.node != node:
                     continue
                 sel = np.isin(m.index.numpy(), list(wanted))
                 if sel.any():

@@ -38,14 +38,15 @@ class FrozenEntry:
         return f"{self.node} ({self.op}): {self.reason}"
 
 
-def _spaces_of(node_name: str, shape: Any) -> list[tuple[Space, int]]:
+def _spaces_of(node: fx.Node, shape: Any) -> list[tuple[Space, int]]:
+    """``(space, size)`` of every dim of ``node``'s tensor, or of each tensor item of its tuple."""
     if isinstance(shape, torch.Size):
-        return [(Space(node_name, d), n) for d, n in enumerate(shape)]
+        return [(Space.of_node(node, d), n) for d, n in enumerate(shape)]
     if isinstance(shape, list):
         out = []
         for k, s in enumerate(shape):
             if s is not None:
-                out += [(Space(f"{node_name}#{k}", d), n) for d, n in enumerate(s)]
+                out += [(Space.item(node.name, k, d), n) for d, n in enumerate(s)]
         return out
     return []
 
@@ -189,19 +190,19 @@ class DependencyGraph:
     # --- construction --------------------------------------------------------------------------
     def _add_spaces(self) -> None:
         for n in self.graph_module.graph.nodes:
-            for space, size in _spaces_of(n.name, self.shapes.get(n.name)):
+            for space, size in _spaces_of(n, self.shapes.get(n.name)):
                 self.table.add(space, size)
         for name, t in list(self.graph_module.named_parameters()) + list(
                 self.graph_module.named_buffers()):
             for d, size in enumerate(t.shape):
-                self.table.add(Space("@" + name, d), size)
+                self.table.add(Space.param(name, d), size)
         for n in self.graph_module.graph.nodes:  # tensor constants and plain tensor attributes
             if n.op == "get_attr" and isinstance(self.shapes.get(n.name), torch.Size):
                 for d, size in enumerate(self.shapes[n.name]):
-                    self.table.add(Space("@" + str(n.target), d), size)
+                    self.table.add(Space.param(str(n.target), d), size)
 
     def _node_spaces(self, n: fx.Node) -> list[Space]:
-        return [s for s, _ in _spaces_of(n.name, self.shapes.get(n.name))]
+        return [s for s, _ in _spaces_of(n, self.shapes.get(n.name))]
 
     def _build(self) -> None:
         self._tuple_shapes = tensor_shapes(self.shapes)
@@ -265,7 +266,7 @@ class DependencyGraph:
                                                     "its shape, and so does all it is tied to"))
             return recs
         if n.op == "get_attr":
-            return [Couple(s, Space("@" + str(n.target), s.dim)) for s in self._node_spaces(n)]
+            return [Couple(s, Space.param(str(n.target), s.dim)) for s in self._node_spaces(n)]
         module = self.modules.get(str(n.target)) if n.op == "call_module" else None
         rule = lookup(n, module, self.rules)
         if module is not None and has_forward_hooks(module):
@@ -275,7 +276,7 @@ class DependencyGraph:
         own = self._node_spaces(n)
         inputs = [s for a in n.all_input_nodes for s in self._node_spaces(a)]
         if n.target is operator.getitem:  # indexing a tuple concerns only the item taken
-            inputs = [s for s in inputs if "#" not in s.key]
+            inputs = [s for s in inputs if not s.is_item]
         if isinstance(rule, Frozen):
             if own or inputs:
                 self._frozen.append(FrozenEntry(n.name, describe(n), rule.reason))
@@ -296,9 +297,10 @@ class DependencyGraph:
         for r in produced:
             if isinstance(r, Role):
                 self.roles.setdefault(r.space, r.role)
-                src = self._get_attr.get(r.space.key)  # a functional op's weight: the tensor's role
+                # a functional op's weight (a get_attr node's output): the tensor's role
+                src = self._get_attr.get(r.space.node) if r.space.is_node_tensor else None
                 if src is not None:
-                    self.roles.setdefault(Space("@" + src, r.space.dim), r.role)
+                    self.roles.setdefault(Space.param(src, r.space.dim), r.role)
             else:
                 recs.append(r)
                 if isinstance(r, Freeze) and r.reason:
@@ -360,7 +362,7 @@ class DependencyGraph:
         node_groups: dict[str, set[int]] = {}
         for grp in self._groups:
             for m in grp.activations:
-                node_groups.setdefault(m.space.node_name, set()).add(grp.id)
+                node_groups.setdefault(m.space.node, set()).add(grp.id)
         for n in self.graph_module.graph.nodes:
             rule = self.node_rules.get(n.name)
             g.add_node(n.name, op=n.op, target=str(n.target),

@@ -34,17 +34,18 @@ class Member:
     def module(self) -> str:
         """Module path of a parameter member ('' for the root); the node name otherwise."""
         if self.is_param:
-            return self.space.key[1:].rpartition(".")[0]
-        return self.space.node_name
+            return self.space.module_path
+        return self.space.node
 
     @property
     def name(self) -> str:
         """Parameter name of a parameter member (``weight``), '' for activations."""
-        return self.space.key[1:].rpartition(".")[2] if self.is_param else ""
+        return self.space.attr_name if self.is_param else ""
 
     @property
     def qualname(self) -> str:
-        return self.space.key[1:] if self.is_param else self.space.key
+        """A parameter member's qualified name; the node name otherwise."""
+        return self.space.name
 
     @property
     def dim(self) -> int:

@@ -200,7 +200,7 @@ def group_norm_couplings(ctx: CoupleContext, x: Any, num_groups: int,
     yield Couple(ch, ch, np.arange(c), np.repeat(np.arange(num_groups) * size, size))
     for p in params:
         yield Couple(ch, p)
-        yield Role(p, "norm" if p.key.endswith("weight") else "bias")
+        yield Role(p, "norm" if p.name.endswith("weight") else "bias")
 
 
 @register(F.group_norm)
@@ -258,7 +258,7 @@ def _coupled_trailing(ctx: CoupleContext, k: int, params: list[Space],
     lead = len(sx) - k
     for space, role in zip(params, roles):
         for j in range(k):
-            p = Space(space.key, j)
+            p = space.with_dim(j)
             yield Couple(ctx.space(x, lead + j), p)
             yield Role(p, role)
 

@@ -234,7 +234,7 @@ class CoupleContext:
     def space(self, a: Any, dim: int) -> Space:
         s = self.shape(a)
         nd = len(s) if s is not None else dim + 1
-        return Space(a.name, dim % nd)
+        return Space.of_node(a, dim % nd)
 
     def out(self, dim: int) -> Space:
         return self.space(self.node, dim)
@@ -242,13 +242,13 @@ class CoupleContext:
     def item(self, k: int, dim: int) -> Space:
         shapes = self.item_shapes(self.node) or []
         nd = len(shapes[k]) if k < len(shapes) and shapes[k] is not None else dim + 1
-        return Space(f"{self.node.name}#{k}", dim % nd)
+        return Space.item(self.node.name, k, dim % nd)
 
     def param(self, name: str, dim: int) -> Space:
         """The space of ``self.module``'s parameter/buffer ``name`` along ``dim``."""
         t = getattr(self.module, name)
         qual = f"{self.module_path}.{name}" if self.module_path else name
-        return Space("@" + qual, dim % t.dim())
+        return Space.param(qual, dim % t.dim())
 
     def has_param(self, name: str) -> bool:
         return isinstance(getattr(self.module, name, None), torch.Tensor)
@@ -283,4 +283,4 @@ def head_dim_of(operands: list[Any], shapes: dict[str, tuple[int, ...]]) -> list
     dims = [shapes.get(a.name) if isinstance(a, fx.Node) else None for a in operands]
     if not operands or any(d is None or len(d) < 4 for d in dims):
         return []
-    return [Space(a.name, len(d) - 3) for a, d in zip(operands, dims)]
+    return [Space.of_node(a, len(d) - 3) for a, d in zip(operands, dims)]

@@ -578,7 +578,7 @@ class GetItemRule(OpRule):
             k = ctx.value(index)
             if isinstance(k, int) and ctx.out_shape is not None:
                 for d in range(len(ctx.out_shape)):
-                    yield Couple(Space(f"{src.name}#{k % len(items)}", d), ctx.out(d))
+                    yield Couple(Space.item(src.name, k % len(items), d), ctx.out(d))
             return
         sx = ctx.shape(src)
         if sx is None or ctx.out_shape is None or _has_tensor(ctx, index):
@@ -614,7 +614,7 @@ class GetItemRule(OpRule):
         pos = _positions(items, len(sx))
         changed = False
         for kind, in_d, _, val in plan:
-            dropped = actx.dropped(Space(src.name, in_d))
+            dropped = actx.dropped(actx.space(src, in_d))
             if not len(dropped) or kind == "all":
                 continue
             k = pos[in_d]

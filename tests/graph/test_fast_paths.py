@@ -278,13 +278,13 @@ def test_choice_keyed_on_an_empty_space_and_add_after_merge():
     from structprune.graph.coupling import Choice, Couple, Space, SpaceTable, solve
 
     t = SpaceTable()
-    a, z, b = Space("a", 0), Space("z", 0), Space("b", 0)
+    a, z, b = Space.activation("a", 0), Space.activation("z", 0), Space.activation("b", 0)
     for s, n in ((a, 2), (z, 0), (b, 2)):
         t.add(s, n)
     sol = solve(t, [Couple(a, b), Choice([(z, []), (a, [])])])
     assert not sol.is_frozen(t.ids(a, None)).any()
     with pytest.raises(RuntimeError, match="after merge"):
-        t.add(Space("c", 0), 1)
+        t.add(Space.activation("c", 0), 1)
 
 
 class Views(nn.Module):

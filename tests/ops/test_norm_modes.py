@@ -54,9 +54,9 @@ def test_scaled_std_conv_keeps_its_fan_in():
     assert d < 1e-10, f"pruned ScaledStdConv2d differs from the masked original by {d:.3e}"
     # Its input channels are the standardised fan-in: they stay, its output channels go.
     dropped = plan.dropped_indices()
-    assert not len(dropped.get(Space("@2.weight", 1), ()))
-    assert len(dropped.get(Space("@2.weight", 0), ())) == 3
-    assert sp.trace(model, x).is_frozen(Space("@0.weight", 0))
+    assert not len(dropped.get(Space.param("2.weight", 1), ()))
+    assert len(dropped.get(Space.param("2.weight", 0), ())) == 3
+    assert sp.trace(model, x).is_frozen(Space.param("0.weight", 0))
 
 
 class TokensThenNorm(nn.Module):
@@ -87,7 +87,7 @@ def test_norm_module_modes(make, train, spatial_free):
     model = randomize_(TokensThenNorm(make())).double().train(train)
     x = torch.randn(3, 4, 6, dtype=torch.float64)
     graph = sp.trace(model, x)
-    assert graph.is_frozen(Space("@pre.weight", 0)) != spatial_free
+    assert graph.is_frozen(Space.param("pre.weight", 0)) != spatial_free
     d, _ = _oracle(model, x)
     assert d < 1e-10
     assert model.training == train
@@ -129,6 +129,6 @@ def test_functional_norm_modes(call, spatial_free):
     torch.manual_seed(0)
     model = randomize_(M()).double().eval()
     x = torch.randn(3, 4, 6, dtype=torch.float64)
-    assert sp.trace(model, x).is_frozen(Space("@pre.weight", 0)) != spatial_free
+    assert sp.trace(model, x).is_frozen(Space.param("pre.weight", 0)) != spatial_free
     d, _ = _oracle(model, x)
     assert d < 1e-10

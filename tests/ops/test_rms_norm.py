@@ -81,7 +81,7 @@ class TinyLlama(nn.Module):
 def _hidden_group(graph):
     """The group holding the residual stream: the embedding's columns."""
     for g in graph.groups():
-        if any(m.space == Space("@embed.weight", 1) for m in g.params):
+        if any(m.space == Space.param("embed.weight", 1) for m in g.params):
             return g
     raise AssertionError(f"the hidden dim is not prunable; frozen: {graph.frozen()[:4]}")
 
@@ -147,7 +147,7 @@ def test_rms_norm_in_place_and_random_plans():
 def test_rms_norm_without_weight_stays_frozen():
     model = nn.Sequential(nn.Linear(4, 8), nn.RMSNorm(8, elementwise_affine=False), nn.Linear(8, 2))
     graph = sp.trace(model, torch.randn(3, 4))
-    assert graph.is_frozen(Space("@0.weight", 0))
+    assert graph.is_frozen(Space.param("0.weight", 0))
     assert any("no weight" in e.reason for e in graph.frozen())
 
 
@@ -168,7 +168,7 @@ def test_approximate_layer_norm_rule_shrinks_the_residual_dim():
     torch.manual_seed(0)
     model = ViTBlock().eval()
     x = torch.randn(2, 5, 6)
-    assert sp.trace(model, x).is_frozen(Space("@embed.weight", 0))  # built-in: exact, frozen
+    assert sp.trace(model, x).is_frozen(Space.param("embed.weight", 0))  # built-in: exact, frozen
     rules = normalized_dims_rules()
     assert set(rules) >= {nn.LayerNorm, F.layer_norm, aten.layer_norm.default}
     assert all(isinstance(r, ApproximateLayerNormRule) and r.exact is False for r in rules.values())

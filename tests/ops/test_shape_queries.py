@@ -34,7 +34,7 @@ def oracle_on_every_group(model, x, seed=0):
 
 def prunable(graph, node, dim):
     """Whether some index of ``node``'s ``dim`` is in a prunable group."""
-    return not graph.is_frozen(Space(node, dim))
+    return not graph.is_frozen(Space.activation(node, dim))
 
 
 def reasons(graph):
