@@ -19,11 +19,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import PlanError, UnsupportedOpError
-from .graph.coupling import Space
 from .graph.inputs import add_guard_hook
 from .graph.trace import ShapeInterpreter, placeholder_values, plain_module
 from .oracle import flatten_outputs
 from .plan import Plan
+from .rules import ApplyContext, OpRule, Space
 from .scratch import scratch_space, temporary
 
 
@@ -174,70 +174,8 @@ def _copy_module(m: nn.Module, memo: dict[int, Any]) -> Any:
     return new
 
 
-_NONE = np.zeros(0, dtype=np.int64)
-_NONE.flags.writeable = False
-
-
-class ApplyContext:
-    """What a rule's ``update`` sees: old and new shapes, dropped indices, current values."""
-
-    def __init__(self, node: fx.Node, module: Optional[nn.Module], env: dict[fx.Node, Any],
-                 shapes: dict[str, Any], dropped: dict[Space, np.ndarray]) -> None:
-        self.node, self.module, self._env = node, module, env
-        self._shapes, self._dropped = shapes, dropped
-
-    def value(self, a: Any) -> Any:
-        if isinstance(a, fx.Node):
-            return self._env.get(a)
-        if isinstance(a, (list, tuple)):
-            return type(a)(self.value(x) for x in a)
-        return a
-
-    def dropped(self, space: Space) -> np.ndarray:
-        """The indices of ``space`` the plan removes (sorted; empty if none)."""
-        return self._dropped.get(space, _NONE)
-
-    def space(self, a: fx.Node, dim: int) -> Space:
-        """The space of tensor node ``a`` along ``dim`` (as :meth:`CoupleContext.space`)."""
-        s = self.old_shape(a)
-        return Space.of_node(a, dim % len(s) if s else dim)
-
-    def old_shape(self, a: Any) -> Optional[tuple[int, ...]]:
-        s = self._shapes.get(a.name)
-        return tuple(s) if isinstance(s, torch.Size) else None
-
-    def new_shape(self, a: Any) -> Optional[tuple[int, ...]]:
-        s = self.old_shape(a)
-        if s is None:
-            return None
-        return tuple(n - len(self.dropped(Space.of_node(a, d))) for d, n in enumerate(s))
-
-    def old_items(self, a: Any) -> Optional[list]:
-        s = self._shapes.get(a.name)
-        return [tuple(x) if x is not None else None for x in s] if isinstance(s, list) else None
-
-    def new_items(self, a: Any) -> Optional[list]:
-        items = self.old_items(a)
-        if items is None:
-            return None
-        return [None if s is None else tuple(
-            n - len(self.dropped(Space.item(a.name, k, d))) for d, n in enumerate(s))
-            for k, s in enumerate(items)]
-
-    def set_arg(self, i: int, name: str, value: Any) -> None:
-        n = self.node
-        if len(n.args) > i:
-            args = list(n.args)
-            args[i] = value
-            n.args = tuple(args)
-        else:
-            kwargs = dict(n.kwargs)
-            kwargs[name] = value
-            n.kwargs = kwargs
-
-
 class _Applier(ShapeInterpreter):
-    def __init__(self, gm: fx.GraphModule, rules: dict[str, Any], shapes: dict[str, Any],
+    def __init__(self, gm: fx.GraphModule, rules: dict[str, OpRule], shapes: dict[str, Any],
                  dropped: dict[Space, np.ndarray], meta: bool) -> None:
         super().__init__(gm, meta)
         self.node_rules, self.shapes, self.dropped_idx = rules, shapes, dropped

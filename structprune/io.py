@@ -228,7 +228,7 @@ def _as_graph_module(model: nn.Module, example_inputs: Any = None) -> fx.GraphMo
     from .errors import TraceError
     from .graph.inputs import capture_guarded
     from .graph.trace import adopt_tensors, normalize_inputs
-    from .ops.registry import registry
+    from .rules import registry
 
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else None
     try:

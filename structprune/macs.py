@@ -28,35 +28,13 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import StructpruneWarning
-from .graph.coupling import Space
 from .graph.trace import ShapeInterpreter, _load_args, eval_mode, placeholder_values, to_meta
-from .ops.registry import OpRule
+from .rules import MacContext, OpRule, Space
 
 if TYPE_CHECKING:
     from .graph.depgraph import DependencyGraph
 
 _CALLS = ("call_module", "call_function", "call_method")
-
-
-class MacContext:
-    """Shapes for :meth:`OpRule.macs`, either as traced or as they will be after a plan."""
-
-    def __init__(self, graph: "DependencyGraph", sizes: dict[Space, int]) -> None:
-        self.graph = graph
-        self.sizes = sizes
-        self.node: Any = None
-        self.module_path: Optional[str] = None
-
-    def shape(self, a: Any) -> Optional[tuple[int, ...]]:
-        s = self.graph.shapes.get(getattr(a, "name", None))
-        if not isinstance(s, torch.Size):
-            return None
-        return tuple(self.sizes.get(Space.of_node(a, d), n) for d, n in enumerate(s))
-
-    def param_shape(self, name: str) -> tuple[int, ...]:
-        qual = f"{self.module_path}.{name}" if self.module_path else name
-        t = self.graph.graph_module.get_parameter(qual)
-        return tuple(self.sizes.get(Space.param(qual, d), n) for d, n in enumerate(t.shape))
 
 
 def has_formula(rule: OpRule) -> bool:
@@ -75,15 +53,14 @@ def count_macs(graph: "DependencyGraph", sizes: Optional[dict[Space, int]] = Non
     """
     sizes = sizes if sizes is not None else graph.table.size
     measured = _measured(graph)
-    mctx = MacContext(graph, sizes)
     total, by_node = 0, {}
     for n in graph.graph_module.graph.nodes:
         rule = graph.node_rules.get(n.name)
         if rule is None or n.op not in _CALLS:
             continue
         if has_formula(rule):
-            mctx.node = n
-            mctx.module_path = str(n.target) if n.op == "call_module" else None
+            mctx = MacContext(n, str(n.target) if n.op == "call_module" else None, graph.shapes,
+                              sizes, graph.graph_module)
             try:
                 m = int(rule.macs(mctx))
             except Exception as exc:  # count it anyway, and say so once per graph and node

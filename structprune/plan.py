@@ -8,10 +8,9 @@ import numpy as np
 import torch
 
 from .errors import PlanError
-from .graph.coupling import Space
-from .macs import MacContext as MacContext  # MAC counting lives in .macs (kept importable here)
 from .macs import count_macs as count_macs
 from .macs import count_params as count_params
+from .rules import Space
 
 if TYPE_CHECKING:
     from .graph.depgraph import DependencyGraph

@@ -23,7 +23,7 @@ from .graph.trace import ExampleInputs, check_model, normalize_inputs
 from .importance.base import scoring_pass
 from .scratch import scratch_space
 from .plan import Plan, count_macs, count_params
-from .graph.coupling import Space
+from .rules import Space
 
 
 RatioSpec = Union[float, Mapping[Any, float]]
@@ -652,8 +652,7 @@ def _sync_module_attributes(model: nn.Module, paths: set[str]) -> None:
     """Bring the attributes of the modules under ``paths`` (``out_channels``, ``num_features``)
     in line with their sliced tensors, through each module's rule (an export graph does not call
     the modules, so the apply pass did not). Rules that need the graph leave theirs as is."""
-    from .ops.registry import registry
-    from .ops.registry import _module_rule
+    from .rules import module_rule, registry
 
     rules = registry()
     for path in paths:
@@ -661,7 +660,7 @@ def _sync_module_attributes(model: nn.Module, paths: set[str]) -> None:
             mod = model.get_submodule(path) if path else model
         except AttributeError:
             continue
-        rule = _module_rule(mod, rules)
+        rule = module_rule(mod, rules)
         if rule is not None:
             try:
                 rule.update(_ModuleOnly(mod))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .graph.coupling import Space
+from .rules import Space
 from .graph.depgraph import DependencyGraph, trace
 from .oracle import (MaskedInterpreter as MaskedInterpreter, flatten_outputs as flatten_outputs,
                      masked_output as masked_output, max_rel_diff as max_rel_diff, run as run)

@@ -14,7 +14,7 @@ import structprune as sp
 from structprune.errors import StructpruneWarning
 from structprune.macs import _measured, count_macs, has_formula
 from structprune.ops.linear import LinearRule
-from structprune.ops.registry import OpRule
+from structprune.rules import OpRule
 from structprune.plan import Plan
 from structprune.plan import count_macs as plan_count_macs
 

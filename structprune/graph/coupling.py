@@ -1,213 +1,24 @@
-"""Spaces, the coupling records op rules emit, and the connected-components solver.
+"""The connected-components solver over spaces and the coupling records rules emit.
 
-A *space* is one dimension of one tensor the trace sees, typed by its kind: an fx node's output
-(``Space.activation("conv1", 1)``), a model input (``Space.model_input("x", 0)``), one item of a
-node's tuple output (``Space.item("split", 0, 1)``) or a parameter/buffer
-(``Space.param("layer1.0.conv1.weight", 0)``), at a level (channels; graph nodes or edges). Every
-index of every space is one element of a union-find; op rules say which elements are the same unit
-(:class:`Couple`), which may never be removed (:class:`Freeze`), and, where an op can be coupled in
-several valid ways, which alternatives exist (:class:`Choice`). The connected
+Spaces (:class:`Space`, typed by kind and level) and the records (:class:`Couple`,
+:class:`Freeze`, :class:`Role`, :class:`Choice`) are part of the rule contract in
+:mod:`structprune.rules`, imported here. Every index of every space is one element of a
+union-find; the records say which elements are the same unit, which may never be removed, and,
+where an op can be coupled in several valid ways, which alternatives exist. The connected
 components of that relation are the units: the sets of indices that must be removed together.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import TYPE_CHECKING, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-if TYPE_CHECKING:
-    import torch.fx as fx
-
-
-class SpaceKind(IntEnum):
-    """Which tensor a :class:`Space` is a dim of.
-
-    An ``IntEnum`` so that spaces hash and compare as plain tuples (at C speed).
-    """
-
-    ACTIVATION = 0  #: the one tensor an fx node outputs
-    PARAMETER = 1  #: a parameter, buffer or tensor attribute, by qualified name
-    TUPLE_ITEM = 2  #: item ``k`` of a node whose output is a tuple/list of tensors
-    MODEL_INPUT = 3  #: a placeholder: a tensor the model is called with
-
-
-class Level(IntEnum):
-    """What the indices of a space's dim are: channels (today everything), or the node/edge dim
-    of a graph's tensors (GNNs). Part of a space's identity."""
-
-    CHANNEL = 0
-    GRAPH_NODE = 1
-    GRAPH_EDGE = 2
-
-
-class Space(NamedTuple):
-    """One dimension of one tensor, typed: ``kind`` says which tensor ``name`` names.
-
-    Build spaces with the named constructors (:meth:`activation`, :meth:`model_input`,
-    :meth:`of_node`, :meth:`item`, :meth:`param`) and read them with the accessors
-    (:attr:`node`, :attr:`param_name`, :attr:`is_param`, ...), never from a string. ``name`` is
-    an fx node name (activations, model inputs, tuple items) or a parameter/buffer's qualified
-    name (parameters); ``item_index`` is the item of a tuple-valued node (else None); ``level``
-    takes part in equality, so one dim at two levels is two spaces.
-
-    A named tuple of ints and strings (the enums are ``IntEnum``): spaces are hashed and compared
-    millions of times while coupling and grouping, and tuple hashing runs in C.
-    """
-
-    name: str
-    dim: int
-    kind: SpaceKind = SpaceKind.ACTIVATION
-    item_index: Optional[int] = None
-    level: Level = Level.CHANNEL
-
-    # --- constructors ----------------------------------------------------------------------------
-    @staticmethod
-    def activation(node: str, dim: int, level: Level = Level.CHANNEL) -> "Space":
-        """Dim ``dim`` of the tensor fx node ``node`` outputs."""
-        return _new(Space, (node, dim, _ACTIVATION, None, level))
-
-    @staticmethod
-    def model_input(node: str, dim: int, level: Level = Level.CHANNEL) -> "Space":
-        """Dim ``dim`` of the model input that placeholder ``node`` stands for."""
-        return _new(Space, (node, dim, _MODEL_INPUT, None, level))
-
-    @staticmethod
-    def of_node(node: "fx.Node", dim: int, level: Level = Level.CHANNEL) -> "Space":
-        """Dim ``dim`` of fx node ``node``'s tensor: a model input for a placeholder, else an
-        activation."""
-        kind = _MODEL_INPUT if node.op == "placeholder" else _ACTIVATION
-        return _new(Space, (node.name, dim, kind, None, level))
-
-    @staticmethod
-    def item(node: str, k: int, dim: int, level: Level = Level.CHANNEL) -> "Space":
-        """Dim ``dim`` of item ``k`` of the tuple/list fx node ``node`` outputs."""
-        return _new(Space, (node, dim, _TUPLE_ITEM, k, level))
-
-    @staticmethod
-    def param(qualname: str, dim: int, level: Level = Level.CHANNEL) -> "Space":
-        """Dim ``dim`` of the parameter, buffer or tensor attribute ``qualname``
-        (``"layer1.0.conv1.weight"``)."""
-        return _new(Space, (qualname, dim, _PARAMETER, None, level))
-
-    def with_dim(self, dim: int) -> "Space":
-        """Another dim of the same tensor, at the same level."""
-        return _new(Space, (self.name, dim, self.kind, self.item_index, self.level))
-
-    # --- accessors -------------------------------------------------------------------------------
-    @property
-    def is_param(self) -> bool:
-        """A parameter, buffer or tensor attribute (not a node's output)."""
-        return self.kind == _PARAMETER
-
-    @property
-    def is_item(self) -> bool:
-        """One item of a tuple-valued node."""
-        return self.kind == _TUPLE_ITEM
-
-    @property
-    def is_input(self) -> bool:
-        """A model input (a placeholder's tensor)."""
-        return self.kind == _MODEL_INPUT
-
-    @property
-    def is_node_tensor(self) -> bool:
-        """The whole tensor output of an fx node (an activation or a model input), the spaces
-        the masked-activation oracle masks."""
-        return self.kind == _ACTIVATION or self.kind == _MODEL_INPUT
-
-    @property
-    def node(self) -> Optional[str]:
-        """The fx node whose output this is (for a tuple item: the tuple's node); None for a
-        parameter."""
-        return None if self.kind == _PARAMETER else self.name
-
-    @property
-    def param_name(self) -> Optional[str]:
-        """The qualified name of a parameter space (``"layer1.0.conv1.weight"``), else None."""
-        return self.name if self.kind == _PARAMETER else None
-
-    @property
-    def module_path(self) -> Optional[str]:
-        """The module owning a parameter space (``"layer1.0.conv1"``, ``""`` for the root),
-        else None."""
-        return self.name.rpartition(".")[0] if self.kind == _PARAMETER else None
-
-    @property
-    def attr_name(self) -> Optional[str]:
-        """A parameter space's attribute name on its module (``"weight"``), else None."""
-        return self.name.rpartition(".")[2] if self.kind == _PARAMETER else None
-
-    def __repr__(self) -> str:
-        if self.kind == _PARAMETER:
-            base = "@" + self.name
-        elif self.kind == _TUPLE_ITEM:
-            base = f"{self.name}#{self.item_index}"
-        else:
-            base = self.name
-        lvl = "" if self.level == Level.CHANNEL else f" ({self.level.name.lower()})"
-        return f"{base}[{self.dim}]{lvl}"
-
-    __str__ = __repr__
-
-
-_new = tuple.__new__
-_ACTIVATION, _PARAMETER = SpaceKind.ACTIVATION, SpaceKind.PARAMETER
-_TUPLE_ITEM, _MODEL_INPUT = SpaceKind.TUPLE_ITEM, SpaceKind.MODEL_INPUT
-
-
-IndexLike = Union[np.ndarray, Sequence[int], None]
-
-
-@dataclass(frozen=True)
-class Couple:
-    """``a`` index ``a_idx[k]`` is the same unit as ``b`` index ``b_idx[k]`` (``None`` = all)."""
-
-    a: Space
-    b: Space
-    a_idx: IndexLike = None
-    b_idx: IndexLike = None
-
-    @staticmethod
-    def block(a: Space, b: Space, n: int, size: int) -> "Couple":
-        """``a`` index i is the same unit as ``b`` indices ``i*size .. (i+1)*size-1``."""
-        return Couple(a, b, np.repeat(np.arange(n), size), np.arange(n * size))
-
-
-@dataclass(frozen=True)
-class Freeze:
-    """The indices ``idx`` (``None`` = all) of ``space`` may never be removed, because ``reason``."""
-
-    space: Space
-    reason: str
-    idx: IndexLike = None
-
-
-@dataclass(frozen=True)
-class Role:
-    """Say what a parameter dim is to its op (``out``, ``in``, ``norm``, ``bias``), for scorers."""
-
-    space: Space
-    role: str
-
-
-@dataclass
-class Choice:
-    """Alternative couplings of one op; the solver takes the first whose ``key`` space is not frozen.
-
-    A reshape that splits one dim into several (``3E -> (3, H, D)``) can tie the flat dim to any
-    one of the factors, and the others must then stay whole. Which factor is free is only known
-    once the rest of the graph is coupled, so the solver tries them in order.
-    """
-
-    options: list[tuple[Space, list]]
-    chosen: int = 0
-
-
-Record = Union[Couple, Freeze, Role, Choice]
+from ..rules import (Choice as Choice, Couple as Couple, Freeze as Freeze, IndexLike as IndexLike,
+                     Level as Level, Record as Record, Role as Role, Space as Space,
+                     SpaceKind as SpaceKind)
 
 
 class SpaceTable:

@@ -18,9 +18,9 @@ import torch.nn as nn
 
 from ..diagnostics import strict_enabled
 from ..errors import PlanError, UnsupportedOpError
-from ..ops.registry import (CoupleContext, Frozen, OpRule, RuleKey, describe, lookup, registry,
-                            tensor_shapes)
-from .coupling import Choice, Couple, Freeze, Record, Role, Solution, Space, SpaceTable, solve
+from ..rules import (Choice, Couple, CoupleContext, Freeze, Frozen, OpRule, Record, Role,
+                     RuleKey, Space, describe, lookup, registry, tensor_shapes)
+from .coupling import Solution, SpaceTable, solve
 from .group import Group, build_groups
 from .inputs import capture_guarded, concrete_args
 from .trace import ExampleInputs, Tracer, check_model, has_forward_hooks, normalize_inputs, record_shapes

@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .coupling import Solution, Space, SpaceTable
+from ..rules import Space
+from .coupling import Solution, SpaceTable
 
 
 @dataclass(frozen=True)

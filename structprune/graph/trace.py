@@ -22,7 +22,7 @@ import torch.nn as nn
 from .. import diagnostics
 from ..errors import ModelError, TraceError
 from ..modes import eval_mode as eval_mode
-from ..ops.registry import OpRule, RuleKey, has_module_rule
+from ..rules import OpRule, RuleKey, module_rule
 
 ExampleInputs = Any  # a tensor, a tuple of positional inputs, or a dict of keyword inputs
 
@@ -92,8 +92,10 @@ _BACK_TO = {torch.float16: ".half()", torch.bfloat16: ".to(torch.bfloat16)"}
 class Tracer(fx.Tracer):
     """An fx tracer whose leaves are the modules with a rule (or named by the user).
 
-    ``nn.MultiheadAttention`` is traced through :func:`structprune.ops.attention.mha_forward`, a
-    functional equivalent, so that its heads appear as a reshape to ``(B, H, T, D)``.
+    A module whose rule ``decomposes`` (:attr:`OpRule.decomposes`) is traced through the rule's
+    :meth:`OpRule.trace_through` instead, a functional equivalent whose ops the graph sees
+    (``nn.MultiheadAttention``: its heads appear as a reshape to ``(B, H, T, D)``); a call it
+    declines, or a module the user made a leaf, stays one ``call_module`` node.
     """
 
     def __init__(self, rules: dict[RuleKey, OpRule], leaf_modules: Iterable[Any] = ()) -> None:
@@ -110,23 +112,21 @@ class Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if self._is_user_leaf(m):
             return True
-        if isinstance(m, nn.MultiheadAttention):
-            return False
-        if has_module_rule(m, self.rules):
-            return True
+        rule = module_rule(m, self.rules)
+        if rule is not None:
+            return not rule.decomposes
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         path = self.path_of_module(m)
         self._sp_path_stack.append(path)
         try:
-            if isinstance(m, nn.MultiheadAttention) and not self._is_user_leaf(m):
-                from ..ops.attention import mha_forward
-
+            rule = None if self._is_user_leaf(m) else module_rule(m, self.rules)
+            if rule is not None and rule.decomposes:
                 def getp(name: str) -> Any:
                     return self.create_proxy("get_attr", f"{path}.{name}" if path else name, (), {})
 
-                out = mha_forward(m, getp, *args, **kwargs)
+                out = rule.trace_through(m, getp, *args, **kwargs)
                 if out is not NotImplemented:
                     return out
                 return self.create_proxy("call_module", path, args, kwargs)

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph.coupling import Couple, Freeze, Record, Role, Space
+from ..rules import Couple, CoupleContext, Freeze, OpRule, Record, Role, Space, extend, register
 from .attention import SDPARule
 from .conv import FunctionalConvRule, _conv_macs, conv_couplings
 from .elementwise import BroadcastRule, ReduceRule, SoftmaxRule, TypeAsRule, UnaryRule
@@ -28,7 +28,6 @@ from .norm import (FunctionalGroupNormRule, LayerNormRule, functional_stats, red
                    stat_couplings)
 from .pool import (ChannelShuffleRule, InterpolateRule, PadRule, PixelShuffleRule, Pool1dRule,
                    Pool2dRule, Pool3dRule)
-from .registry import CoupleContext, OpRule, extend, register
 from .shape import (CatRule, ExpandRule, FactoryRule, PermuteRule, RepeatRule, ReshapeRule,
                     ShapeQueryRule, SplitRule, StackRule)
 

@@ -5,12 +5,13 @@ functional equivalent built from ``F.linear``, a reshape to ``(B, T, H, D)`` and
 ``F.scaled_dot_product_attention``, so its heads are ordinary units of the graph (the reshape rule
 ties each head's ``D`` rows of the q/k/v projections and ``D`` columns of ``out_proj``) and the
 masked-activation oracle can check them. Variants it does not cover (``bias_k``, ``add_zero_attn``,
-separate k/v dims) stay a frozen leaf.
+separate k/v dims) stay a frozen leaf. The tracer learns this from :class:`MultiheadAttentionRule`
+(``decomposes``), not from a special case.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -18,8 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.coupling import Couple, Freeze, Record, Space
-from .registry import CoupleContext, OpRule, head_dim_of, register
+from ..rules import Couple, CoupleContext, Freeze, OpRule, Record, Space, head_dim_of, register
 
 
 @register(F.scaled_dot_product_attention)
@@ -78,6 +78,33 @@ class SDPARule(OpRule):
         if None in (sq, sk, sv):
             return 0
         return math.prod(sq[:-1]) * sk[-2] * (sq[-1] + sv[-1])
+
+
+@register(nn.MultiheadAttention)
+class MultiheadAttentionRule(OpRule):
+    """``nn.MultiheadAttention``: traced through :func:`mha_forward`, so its heads are units of the
+    graph (the linears, reshapes and attention ops there have their own rules).
+
+    A call :func:`mha_forward` does not cover, or a module the user made a leaf, stays one
+    ``call_module`` node, and everything it touches is frozen, with the reason.
+    """
+
+    decomposes = True
+
+    def trace_through(self, module: nn.Module, getp: Callable[[str], Any], *args: Any,
+                      **kwargs: Any) -> Any:
+        assert isinstance(module, nn.MultiheadAttention)
+        return mha_forward(module, getp, *args, **kwargs)
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        reason = (f"nn.MultiheadAttention '{ctx.module_path}' is kept whole (a leaf module, or "
+                  f"bias_k / add_zero_attn / kdim, vdim / masks, which mha_forward does not cover)")
+        for k, shape in enumerate(ctx.item_shapes(ctx.node) or []):
+            for d in range(len(shape) if shape is not None else 0):
+                yield Freeze(ctx.item(k, d), reason)
+        yield from ctx.freeze(ctx.node, reason)
+        for a in ctx.node.all_input_nodes:
+            yield from ctx.freeze(a, reason)
 
 
 def mha_forward(m: nn.MultiheadAttention, getp: Any, query: Any, key: Any, value: Any,

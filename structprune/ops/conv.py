@@ -15,8 +15,7 @@ import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.coupling import Couple, Record, Role, Space
-from .registry import CoupleContext, OpRule, register
+from ..rules import Couple, CoupleContext, OpRule, Record, Role, Space, register
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -15,8 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.coupling import Couple, Freeze, Record, Role
-from .registry import CoupleContext, OpRule, op_name, register
+from ..rules import Couple, CoupleContext, Freeze, OpRule, Record, Role, op_name, register
 
 
 def touch(ctx: CoupleContext, a: Any) -> Iterator[Freeze]:

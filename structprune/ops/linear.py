@@ -14,8 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.coupling import Couple, Record, Role, Space
-from .registry import CoupleContext, OpRule, head_dim_of, register
+from ..rules import Couple, CoupleContext, OpRule, Record, Role, Space, head_dim_of, register
 
 
 def linear_couplings(ctx: CoupleContext, x: Any, w_out: Space, w_in: Space,

@@ -30,8 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.coupling import Couple, Freeze, Record, Role, Space
-from .registry import CoupleContext, OpRule, register
+from ..rules import Couple, CoupleContext, Freeze, OpRule, Record, Role, Space, register
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)

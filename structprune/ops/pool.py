@@ -10,8 +10,7 @@ from typing import Iterator
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.coupling import Couple, Record
-from .registry import CoupleContext, OpRule, register
+from ..rules import Couple, CoupleContext, OpRule, Record, register
 
 _POOL_1D = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d,
             F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.lp_pool1d)

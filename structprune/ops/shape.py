@@ -23,9 +23,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph.coupling import Choice, Couple, Freeze, Record, Space
+from ..rules import (Choice, Couple, CoupleContext, Freeze, OpRule, Record, Space, _REGISTRY,
+                     describe, op_name, register)
 from .elementwise import touch
-from .registry import _REGISTRY, CoupleContext, OpRule, describe, op_name, register
 
 _REGROUP = "the reshape regroups several dims into several others; they stay whole"
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 import structprune as sp
-from structprune.graph.coupling import Level, Space, SpaceKind, SpaceTable
+from structprune.graph.coupling import SpaceTable
+from structprune.rules import Level, Space, SpaceKind
 
 ROOT = pathlib.Path(sp.__file__).parent
 
@@ -36,7 +37,8 @@ def test_kind_and_level_take_part_in_equality_and_hash():
     same_name = [Space.activation("w", 0), Space.model_input("w", 0), Space.item("w", 0, 0),
                  Space.param("w", 0)]
     assert len(set(same_name)) == 4
-    node, edge = Space.activation("x", 0, Level.GRAPH_NODE), Space.activation("x", 0, Level.GRAPH_EDGE)
+    node = Space.activation("x", 0, Level.GRAPH_NODE)
+    edge = Space.activation("x", 0, Level.GRAPH_EDGE)
     assert len({Space.activation("x", 0), node, edge}) == 3
     assert node == Space.activation("x", 0, Level.GRAPH_NODE)
     table = SpaceTable()

@@ -10,7 +10,7 @@ import itertools
 import pytest
 
 from structprune.graph import depgraph
-from structprune.ops.registry import Frozen, registry
+from structprune.rules import Frozen, module_rule, registry
 
 from . import test_hand_references, test_hand_references_aten
 
@@ -41,6 +41,12 @@ def test_every_rule_has_a_hand_built_reference(monkeypatch):
     def recording_init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         seen.update(type(r) for r in self.node_rules.values() if not isinstance(r, Frozen))
+        # a rule that decomposes its module (nn.MultiheadAttention) shows as the ops it traced
+        calls = {n.target for n in self.graph_module.graph.nodes if n.op == "call_module"}
+        for path, m in self.model.named_modules():
+            rule = module_rule(m, self.rules)
+            if rule is not None and rule.decomposes and path not in calls:
+                seen.add(type(rule))
 
     monkeypatch.setattr(depgraph.DependencyGraph, "__init__", recording_init)
     ran = 0

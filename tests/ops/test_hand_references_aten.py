@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import structprune as sp
 from structprune.graph.trace import capture
-from structprune.ops.registry import registry
+from structprune.rules import registry
 from structprune.testing import assert_rule, randomize_
 
 aten = torch.ops.aten

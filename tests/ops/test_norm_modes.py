@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.graph.coupling import Space
+from structprune.rules import Space
 from structprune.pruner import Pruner
 from structprune.testing import masked_output, max_rel_diff, randomize_, run
 

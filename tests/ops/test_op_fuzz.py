@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from structprune.errors import StructpruneError
-from structprune.ops.registry import op_name, registry
+from structprune.rules import op_name, registry
 from structprune.plan import Plan
 from structprune.pruner import Pruner
 from structprune.testing import masked_output, max_rel_diff, run

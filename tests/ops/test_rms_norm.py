@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.graph.coupling import Space
+from structprune.rules import Space
 from structprune.ops.norm import ApproximateLayerNormRule, normalized_dims_rules
 from structprune.plan import Plan
 from structprune.pruner import Pruner

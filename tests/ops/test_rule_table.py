@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.ops.registry import registry
+from structprune.rules import registry
 from structprune.testing import assert_rule, randomize_
 
 
@@ -111,6 +111,7 @@ CASES = {
     # attention
     "sdpa_heads": (lambda: Heads(sdpa=True), tok),
     "mha": (lambda: MHANet(), tok),
+    "mha_kept_whole": (lambda: MHAWholeNet(), tok),  # add_zero_attn: a frozen leaf, with the reason
     # ATen overloads (graphs captured by torch.export) that have rules of their own
     "aten_convolution_grouped": (lambda: Net(lambda s, x: aten.convolution.default(
         x, s.extra.weight, s.extra.bias, [1, 1], [1, 1], [1, 1], False, [0, 0], 2),
@@ -184,6 +185,17 @@ class MHANet(nn.Module):
     def forward(self, x):
         h = self.inp(x)
         return self.out(self.attn(h, h, h)[0])
+
+
+class MHAWholeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 4, batch_first=True, add_zero_attn=True)
+
+    def forward(self, x):
+        h = self.mid(torch.relu(self.inp(x)))
+        return self.attn(h, h, h)[0]
 
 
 def _build(name):

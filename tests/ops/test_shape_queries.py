@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import structprune as sp
-from structprune.graph.coupling import Space
+from structprune.rules import Space
 from structprune.plan import Plan
 from structprune.pruner import Pruner
 from tests.ops.helpers import random_drops
