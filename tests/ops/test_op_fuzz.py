@@ -424,13 +424,58 @@ def _sdpa(key):
                                                                  enable_gqa=True))]
 
 
+_NODES, _EDGES = (5, 4, 3), (7, 4, 3)
+_ROWS = torch.tensor([0, 2, 4, 1, 2, 0, 4])  # 7 edges onto 5 nodes, node 3 receives none
+
+
+def _scatter(key):
+    """Scatter / gather / index_add families on [5, 4, 3] nodes and [7, 4, 3] edges; the index
+    is a buffer (``c0`` per entry, ``c1`` per row, ``c2`` narrower than the source)."""
+    name, f = op_name(key), _callable(key)
+    ov = str(key).rpartition(".")[2] if isinstance(key, torch._ops.OpOverload) else ""
+    full = _ROWS.view(-1, 1, 1).expand(_EDGES).contiguous()
+    consts = (full, _ROWS.clone(), full[:, :2].contiguous())
+    if name == "gather":
+        return [S([_NODES], lambda f, xs, b: f(xs[0], 0, b.c0), consts=consts),
+                S([_NODES], lambda f, xs, b: f(xs[0], 0, b.c2), consts=consts)]
+    if name.startswith("index_fill"):
+        val = torch.tensor(1.5, dtype=D) if ov == "int_Tensor" else 1.5
+        return [S([_NODES], lambda f, xs, b: f(xs[0], 0, b.c1[:3], val), consts=consts)]
+    if name.startswith("index_copy"):
+        return [S([_NODES, (3, 4, 3)], lambda f, xs, b: f(xs[0], 0, b.c1[[0, 1, 3]], xs[1]),
+                  consts=consts)]
+    if name.startswith("index_reduce"):
+        return [S([_NODES, _EDGES], lambda f, xs, b: f(xs[0], 0, b.c1, xs[1], r), consts=consts)
+                for r in ("amax", "mean")]
+    if name.startswith("index_add"):
+        return [S([_NODES, _EDGES], lambda f, xs, b: f(xs[0], 0, b.c1, xs[1]), consts=consts)]
+    if name in ("index", "_unsafe_index"):
+        return [S([_NODES], lambda f, xs, b: f(xs[0], [b.c1]), consts=consts),
+                S([_NODES], lambda f, xs, b: f(xs[0], [None, b.c1[:4] % 4]), consts=consts)]
+    if ov == "value_reduce":
+        return [S([_NODES], lambda f, xs, b: f(xs[0], 0, b.c0, 2.0, reduce="multiply"),
+                  consts=consts)]
+    if ov == "value":
+        return [S([_NODES], lambda f, xs, b: f(xs[0], 0, b.c0, 2.0), consts=consts)]
+    if ov in ("reduce",):
+        return [S([_NODES, _EDGES], lambda f, xs, b: f(xs[0], 0, b.c0, xs[1], reduce="add"),
+                  consts=consts)]
+    if name.startswith("scatter_reduce"):
+        return [S([_NODES, _EDGES], lambda f, xs, b: f(xs[0], 0, b.c0, xs[1], r,
+                                                       include_self=i), consts=consts)
+                for r in ("sum", "amax") for i in (True, False)]
+    return [S([_NODES, _EDGES], lambda f, xs, b: f(xs[0], 0, b.c0, xs[1]), consts=consts),
+            S([_NODES, _EDGES], lambda f, xs, b: f(xs[0], 0, b.c2, xs[1]), consts=consts)]
+
+
 FAMILIES = {
     "UnaryRule": _unary, "BroadcastRule": _binary, "ReduceRule": _reduce, "SoftmaxRule": _softmax,
     "Pool1dRule": lambda k: _pool(k, 1), "Pool2dRule": lambda k: _pool(k, 2),
     "Pool3dRule": lambda k: _pool(k, 3), "InterpolateRule": _interpolate, "PadRule": _pad,
     "BatchNormRule": _norm, "FunctionalBatchNormRule": _norm, "AtenBatchNormRule": _norm,
     "AtenNativeBatchNormRule": _norm, "GroupNormRule": _norm, "FunctionalGroupNormRule": _norm,
-    "LayerNormRule": _norm, "SDPARule": _sdpa,
+    "LayerNormRule": _norm, "SDPARule": _sdpa, "SumRule": _reduce, "ScatterRule": _scatter,
+    "IndexAddRule": _scatter, "IndexRule": _scatter,
 }
 
 #: Registered keys without a sample, and why.
@@ -503,6 +548,7 @@ NOT_FUZZED = [
     "ChannelShuffleRule", "ConvRule", "ConvTransposeRule", "EinsumRule", "EmbeddingRule",
     "ExpandRule", "FactoryRule", "FunctionalConvRule", "FunctionalEmbeddingRule",
     "FunctionalLinearRule", "GetAttrRule", "GetItemRule", "LinearRule", "MatmulRule",
+    "MultiheadAttentionRule",
     "PReLURule", "PermuteRule", "PixelShuffleRule", "RepeatRule", "ReshapeRule",
     "ShapeQueryRule", "SplitRule", "StackRule", "TypeAsRule",
 ]
