@@ -63,9 +63,13 @@ def run(model: nn.Module, example_inputs: Any) -> Any:
         return model(*args, **kwargs)
 
 
-def masked_output(graph: DependencyGraph, plan: Plan) -> Any:
-    """The original graph's output with every dropped activation zeroed (all dims)."""
+def masked_output(graph: DependencyGraph, plan: Plan, example_inputs: Any = None) -> Any:
+    """The original graph's output with every dropped activation zeroed (all dims), on the
+    traced example inputs or on ``example_inputs`` of other sizes where the graph computes them
+    (a graph captured with open sizes: a GNN on another graph, another batch)."""
     gm = graph.graph_module
     interp = MaskedInterpreter(gm, plan.activation_masks_all())
+    args, kwargs = (graph.args, graph.kwargs) if example_inputs is None else \
+        normalize_inputs(example_inputs)
     with torch.no_grad():
-        return interp.run(*placeholder_values(gm, graph.args, graph.kwargs))
+        return interp.run(*placeholder_values(gm, args, kwargs))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -45,12 +45,16 @@ AxesSpec = dict[Any, dict[int, str]]  # input index or name -> {dim: symbolic na
 
 
 def _axes(names: list[str], args: tuple, dynamic_batch: bool,
-          dynamic_axes: Optional[AxesSpec]) -> Optional[dict[str, dict[int, str]]]:
+          dynamic_axes: Optional[AxesSpec],
+          captured: Optional[dict[str, dict[int, str]]] = None) -> Optional[dict[str, dict[int, str]]]:
     """``{input name: {dim: name}}``: the user's ``dynamic_axes`` (by input index or name; an
-    input left out has static dims), else dim 0 of every tensor input as ``batch``."""
+    input left out has static dims), else the sizes a ``torch.export`` capture left open
+    (``captured``), else dim 0 of every tensor input as ``batch``."""
     if dynamic_axes is None:
         if not dynamic_batch:
             return None
+        if captured is not None:
+            return captured
         tensors = [(n, a) for n, a in zip(names, args) if isinstance(a, torch.Tensor) and a.dim()]
         if not tensors:
             return None
@@ -68,6 +72,28 @@ def _axes(names: list[str], args: tuple, dynamic_batch: bool,
             raise ExportError(f"dynamic_axes: input {name} has no dim {bad[0]}")
         out[name] = {int(d): str(v) for d, v in dims.items()}
     return out
+
+
+def captured_axes(model: nn.Module, names: list[str]) -> Optional[dict[str, dict[int, str]]]:
+    """The input sizes a model captured by ``torch.export`` runs at (the graph's placeholders
+    hold symbolic sizes there: a GNN's node and edge counts, a batch), as ONNX dynamic axes;
+    one name per symbol, so sizes export found equal stay equal. None for other models."""
+    graph = getattr(model, "graph", None)
+    if not isinstance(graph, torch.fx.Graph) or \
+            model.meta.get("structprune_capture") != "export":  # type: ignore[union-attr]
+        return None
+    out: dict[str, dict[int, str]] = {}
+    symbols: dict[str, str] = {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, ph in zip(names, placeholders):
+        val = ph.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt) and size.node.maybe_as_int() is None:
+                key = str(size.node.expr)
+                out.setdefault(name, {})[d] = symbols.setdefault(key, f"{name}_dim{d}")
+    return out or None
 
 
 def _export(model: nn.Module, args: tuple, path: str, exporter: str,
@@ -98,13 +124,17 @@ def _export(model: nn.Module, args: tuple, path: str, exporter: str,
 
 def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, check: bool = True,
                 exporter: Exporter = "auto", dynamic_batch: bool = True, rtol: float = 1e-3,
-                atol: float = 1e-4, dynamic_axes: Optional[AxesSpec] = None) -> ExportResult:
+                atol: float = 1e-4, dynamic_axes: Optional[AxesSpec] = None,
+                check_inputs: Sequence[ExampleInputs] = ()) -> ExportResult:
     """Export ``model`` to ``path``; with ``check``, verify it with onnx and onnxruntime.
 
     Inputs are named ``input_0``, ``input_1``, ... With ``dynamic_batch`` dim 0 is a symbolic
     ``batch`` for every tensor input whose dim 0 has the first input's size (others stay static); ``dynamic_axes`` says it per input instead, keyed by position
     or name, e.g. ``{0: {0: "nodes"}, 1: {1: "edges"}}`` for ``(x [N, F], edge_index [2, E])``
-    (inputs it leaves out keep static shapes).
+    (inputs it leaves out keep static shapes). A model captured by ``torch.export`` (graph
+    neural networks, models fx cannot trace) gets the sizes its capture left open instead of
+    ``batch``: any graph size, any batch. ``check_inputs`` are more inputs (of other sizes) to
+    compare torch and onnxruntime on.
 
     The model is exported in float32 (a copy; the model is not changed) because onnxruntime's CPU
     kernels are float32. Raises :class:`ExportError` naming the exporter(s) and the failure.
@@ -115,8 +145,11 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, chec
     m = copy.deepcopy(model).float().eval()
     args = _float32(args)
     names = [f"input_{i}" for i in range(len(args))]
-    axes = _axes(names, args, dynamic_batch, dynamic_axes)
+    captured = captured_axes(model, names)
+    axes = _axes(names, args, dynamic_batch, dynamic_axes, captured)
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+    if exporter == "auto" and captured:  # TorchScript would bake sizes computed from data
+        order.reverse()
     errors = []
     used = None
     for ex in order:
@@ -128,7 +161,12 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, chec
             errors.append(f"{ex}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     if used is None:
         raise ExportError("ONNX export failed with " + "; ".join(errors))
-    diff = _check(m, args, path, rtol, atol, used) if check else None
+    diff = None
+    if check:
+        diff = _check(m, args, path, rtol, atol, used)
+        for other in check_inputs:
+            more = _float32(normalize_inputs(other)[0])
+            diff = max(diff, _check(m, more, path, rtol, atol, used))
     return ExportResult(path, used, diff)
 
 
@@ -143,7 +181,13 @@ def _check(m: nn.Module, args: tuple, path: str, rtol: float, atol: float, expor
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)
              if isinstance(a, torch.Tensor)}
-    got = sess.run(None, feeds)
+    try:
+        got = sess.run(None, feeds)
+    except Exception as exc:  # onnxruntime's own error types
+        shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+        raise ExportError(f"onnxruntime cannot run the exported model on inputs of shapes "
+                          f"{shapes} ({exporter} exporter): {str(exc).splitlines()[0][:300]}"
+                          ) from None
     with torch.no_grad():
         want = [t.numpy() for t in flatten_outputs(m(*args))]
     if len(got) != len(want):

@@ -208,26 +208,69 @@ def _defaults_in_order(placeholders: list[fx.Node], named: dict[str, Any]) -> No
 
 def _guard_shapes(gm: fx.GraphModule, placeholders: list[fx.Node], values: dict[str, Any],
                   model_name: str) -> None:
-    """A torch.export graph is specialised to the example shapes (a batch or length may be
-    baked into a ``view``, where another size of the same element count would silently mix
-    rows): check every tensor input's shape at call time."""
+    """A torch.export graph computes only the input sizes it was captured for: the ones the
+    program fixed (a ``Linear``'s features; a batch or length baked into a ``view``, where
+    another size of the same element count would silently mix rows) and, for the sizes it left
+    open, the range export assumed (``>= 2``: a size of 1 may broadcast differently). Check
+    those at call time, naming the input and the size it accepts."""
     graph = gm.graph
     after = placeholders[-1]
+
+    def emit(fn: Any, *args: Any) -> fx.Node:
+        nonlocal after
+        args = tuple(after if a is None else a for a in args)
+        node = graph.call_function(fn, args)
+        after.append(node)
+        after = node
+        return node
+
     for ph in placeholders:
         v = values.get(str(ph.target))
         if not isinstance(v, torch.Tensor):
             continue
-        shape = tuple(v.shape)
-        msg = (f"this pruned {model_name} was captured by torch.export for input "
-               f"'{ph.target}' of shape {shape} and computes only that shape; prune again "
-               f"with example inputs of the shape you need")
-        for fn, args in ((getattr, (ph, "shape")), (operator.eq, (None, shape)),
-                         (torch._assert, (None, msg))):
-            args = tuple(after if a is None else a for a in args)
-            node = graph.call_function(fn, args)
-            after.append(node)
-            after = node
+        fixed, lower = _captured_sizes(ph, v)
+        where = f"this pruned {model_name} was captured by torch.export"
+        if all(n is not None for n in fixed):
+            msg = (f"{where} for input '{ph.target}' of shape {tuple(fixed)} and computes only "
+                   f"that shape; prune again with example inputs of the shape you need")
+            shape = emit(getattr, ph, "shape")
+            emit(torch._assert, emit(operator.eq, shape, tuple(fixed)), msg)
+            continue
+        shape = emit(getattr, ph, "shape")
+        emit(torch._assert, emit(operator.eq, emit(getattr, ph, "ndim"), len(fixed)),
+             f"{where} for {len(fixed)}-d input '{ph.target}'")
+        for d, n in enumerate(fixed):
+            size = None
+            if n is not None:
+                size = emit(operator.getitem, shape, d)
+                emit(torch._assert, emit(operator.eq, size, n),
+                     f"{where} for input '{ph.target}' with size {n} in dim {d} (its other sizes "
+                     f"are free); prune again with example inputs of the size you need")
+            elif lower.get(d, 0) > 1:
+                size = emit(operator.getitem, shape, d)
+                emit(torch._assert, emit(operator.ge, size, lower[d]),
+                     f"{where} for input '{ph.target}' with at least {lower[d]} entries in dim "
+                     f"{d}; a smaller size may broadcast differently")
     gm.recompile()
+
+
+def _captured_sizes(ph: fx.Node, v: torch.Tensor) -> tuple[list[Optional[int]], dict[int, int]]:
+    """The sizes of input ``ph`` that the captured graph fixed (None where it left a dim open)
+    and the lower bounds export assumed for the open ones."""
+    val = ph.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != v.dim():
+        return list(v.shape), {}
+    fixed: list[Optional[int]] = []
+    lower: dict[int, int] = {}
+    for d, s in enumerate(val.shape):
+        n = s.node.maybe_as_int() if isinstance(s, torch.SymInt) else int(s)
+        fixed.append(n)
+        if n is None:
+            expr = s.node.expr
+            vr = s.node.shape_env.var_to_range.get(expr)
+            lo = getattr(vr, "lower", None) if vr is not None else None
+            lower[d] = int(lo) if lo is not None and getattr(lo, "is_number", False) else 2
+    return fixed, lower
 
 
 def _constant_leaves(v: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:

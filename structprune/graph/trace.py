@@ -264,8 +264,9 @@ def plain_module(gm: fx.GraphModule) -> fx.GraphModule:
 def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     """Capture ``model`` with ``torch.export.export(strict=False)`` as a plain ``GraphModule``.
 
-    The export graph holds ATen ops (``aten.conv2d.default``), specialised to the example
-    shapes and to eval mode (BatchNorm reads its running statistics, dropout is off). Its
+    The export graph holds ATen ops (``aten.conv2d.default``), with every input size left open
+    that the program does not fix (:func:`_auto_dynamic`; a graph's node and edge counts, a batch),
+    in eval mode (BatchNorm reads its running statistics, dropout is off). Its
     parameters and buffers keep their qualified names and are the model's own tensors. The
     result takes the model's own arguments (nested inputs are unpacked with ``getitem``) and
     returns its output structure; ``gm.meta["structprune_capture"] == "export"``.
@@ -274,7 +275,7 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
 
     with eval_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+        ep = _export_dynamic(model, args, kwargs)
     epm = ep.module()
     graph = _plain_graph(epm.graph)
     _drop_unused(graph)
@@ -284,6 +285,64 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     adopt_tensors(gm, epm)
     gm.meta["structprune_capture"] = "export"
     return gm
+
+
+def _export_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``torch.export`` with every input size open that the program allows (:func:`_auto_dynamic`).
+
+    Tried in order: non-strict export; strict export (TorchDynamo) with ``.item()`` captured as
+    a symbolic value, which keeps a size computed from the data open (``int(batch.max()) + 1``,
+    the number of graphs in a batch, which non-strict export cannot leave open); and last the
+    example's sizes as they are. The first error is raised when all fail.
+    """
+    dynamic = _auto_dynamic(model, args, kwargs)
+    attempts = [lambda: torch.export.export(model, tuple(args), dict(kwargs), strict=False,
+                                            dynamic_shapes=dynamic),
+                lambda: _export_strict(model, args, kwargs, dynamic),
+                lambda: torch.export.export(model, tuple(args), dict(kwargs), strict=False)]
+    first: Optional[BaseException] = None
+    for attempt in attempts if dynamic is not None else attempts[2:]:
+        try:
+            return attempt()
+        except Exception as exc:  # export raises many types
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+def _export_strict(model: nn.Module, args: tuple, kwargs: dict, dynamic: Any) -> Any:
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        try:
+            return torch.export.export(model, tuple(args), dict(kwargs), strict=True,
+                                       dynamic_shapes=dynamic)
+        finally:
+            torch._dynamo.reset()
+
+
+def _auto_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``dynamic_shapes`` for ``torch.export`` that leaves every input dim open (``Dim.AUTO``).
+
+    Export then keeps a dim symbolic unless the program fixes it (a ``Linear`` fixes the feature
+    dim, a size of 0 or 1 is taken as it is), so the captured graph runs at any batch, sequence,
+    image or graph size the model does, and the sizes it could not leave open are exactly the
+    static ones in its placeholders' ``meta["val"]`` (what :func:`inputs.specialise` guards).
+    """
+    import inspect
+    import torch.utils._pytree as pytree
+
+    auto = torch.export.Dim.AUTO
+
+    def spec(v: Any) -> Any:
+        return pytree.tree_map(lambda t: {d: auto for d in range(t.dim())}
+                               if isinstance(t, torch.Tensor) else None, v)
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    return {name: spec(v) for name, v in bound.arguments.items()}
 
 
 def adopt_tensors(gm: fx.GraphModule, src: nn.Module) -> None:

@@ -19,10 +19,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..rules import Couple, CoupleContext, Freeze, OpRule, Record, Role, Space, extend, register
+from ..rules import (Couple, CoupleContext, Freeze, OpRule, Record, Role, Space, extend, op_name,
+                     register)
 from .attention import SDPARule
 from .conv import FunctionalConvRule, _conv_macs, conv_couplings
-from .elementwise import BroadcastRule, ReduceRule, SoftmaxRule, TypeAsRule, UnaryRule
+from .elementwise import (BroadcastRule, ReduceRule, SoftmaxRule, SumRule, TypeAsRule,
+                          UnaryRule)
 from .linear import EinsumRule, FunctionalLinearRule, MatmulRule
 from .norm import (FunctionalGroupNormRule, LayerNormRule, functional_stats, reduced_dims,
                    stat_couplings)
@@ -57,7 +59,7 @@ _UNARY = [f"{n}.default" for n in (
     "feature_alpha_dropout", "clone", "contiguous", "alias", "detach", "detach_",
     "lift_fresh_copy", "_to_copy", "logical_not", "bitwise_not", "isnan", "isinf", "zeros_like",
     "ones_like", "full_like",
-)] + ["clamp.Tensor", "pow.Tensor_Scalar", "to.dtype", "to.dtype_layout", "to.device"]
+)] + ["clamp.Tensor", "pow.Tensor_Scalar", "pow_.Scalar", "to.dtype", "to.dtype_layout", "to.device"]
 extend(UnaryRule, *_ops(*_UNARY))
 
 _BINARY = [f"{n}.{o}" for n in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
@@ -73,13 +75,13 @@ _BINARY += ["pow.Tensor_Tensor", "pow.Scalar", "div.Tensor_mode", "maximum.defau
 extend(BroadcastRule, *_ops(*_BINARY))
 extend(TypeAsRule, *_ops("type_as.default", "to.other"))
 
+extend(SumRule, *_ops("sum.dim_IntList", "sum.default", "nansum.default"))
 extend(ReduceRule, *_ops(
-    "mean.dim", "sum.dim_IntList", "amax.default", "amin.default", "max.dim", "min.dim",
+    "mean.dim", "amax.default", "amin.default", "max.dim", "min.dim",
     "argmax.default", "argmin.default", "var.dim", "var.correction", "std.dim",
     "std.correction", "var_mean.correction", "std_mean.correction", "prod.dim_int",
-    "logsumexp.default", "norm.ScalarOpt_dim", "linalg_vector_norm.default", "nansum.default",
-    "nanmean.default", "any.dim", "any.dims", "all.dim", "all.dims", "mean.default",
-    "sum.default"))
+    "logsumexp.default", "norm.ScalarOpt_dim", "linalg_vector_norm.default",
+    "nanmean.default", "any.dim", "any.dims", "all.dim", "all.dims", "mean.default"))
 extend(SoftmaxRule, *_ops("softmax.int", "_softmax.default", "log_softmax.int",
                           "_log_softmax.default", "cumsum.default"))
 
@@ -400,7 +402,8 @@ class AtenSelectRule(OpRule):
             node.kwargs = {}
 
 
-@register(*_ops("flip.default", "roll.default", "index_select.default"))
+@register(*_ops("flip.default", "roll.default", "index_select.default"), torch.index_select,
+          "index_select", torch.flip, "flip", torch.roll, "roll")
 class AlongDimsRule(OpRule):
     """Ops that move or pick entries only along the dims they name (``flip(x, dims)``,
     ``roll(x, shifts, dims)``, ``index_select(x, dim, index)``): those dims stay whole, the
@@ -411,10 +414,10 @@ class AlongDimsRule(OpRule):
         sx = ctx.shape(x)
         if sx is None or ctx.out_shape is None or len(sx) != len(ctx.out_shape):
             return
-        t = ctx.node.target
-        if t is aten.index_select.default:
+        name = op_name(ctx.node.target)
+        if name == "index_select":
             dims = ctx.value(ctx.arg(1, "dim"))
-        elif t is aten.roll.default:
+        elif name == "roll":
             dims = ctx.value(ctx.arg(2, "dims", []))
             if not dims:  # roll over the flattened tensor mixes every dim
                 return

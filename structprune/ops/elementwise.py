@@ -55,7 +55,8 @@ _UNARY_FUNCTIONS = (
     torch.sqrt, torch.rsqrt, torch.square, torch.sin, torch.cos, torch.erf, torch.clamp, torch.clip,
     torch.nan_to_num, torch.sign, torch.reciprocal, torch.log1p, torch.expm1, torch.floor,
     torch.ceil, torch.round, torch.trunc, torch.frac, torch.logit, torch.clone, torch.detach,
-    operator.neg, operator.pos, operator.invert, abs,
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand_like,
+    torch.randn_like, operator.neg, operator.pos, operator.invert, abs,
 )
 # Functions of optional packages, keyed by name so that structprune does not import them.
 # torchvision's stochastic depth scales whole samples (identity in eval): channels map to channels.
@@ -150,11 +151,11 @@ def _reduced_dims(dim: Any, ndim: int) -> Optional[set[int]]:
     return {d % ndim for d in dim}
 
 
-@register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.prod,
+@register(torch.mean, torch.amax, torch.amin, torch.std, torch.var, torch.prod,
           torch.logsumexp, torch.norm, torch.max, torch.min, torch.argmax, torch.argmin,
-          torch.nansum, torch.nanmean, torch.all, torch.any,
-          "mean", "sum", "amax", "amin", "std", "var", "prod", "logsumexp", "norm", "max", "min",
-          "argmax", "argmin", "nansum", "nanmean", "all", "any")
+          torch.nanmean, torch.all, torch.any,
+          "mean", "amax", "amin", "std", "var", "prod", "logsumexp", "norm", "max", "min",
+          "argmax", "argmin", "nanmean", "all", "any")
 class ReduceRule(OpRule):
     """Reductions over some dims: the kept dims map to the output, the reduced dims are frozen.
 
@@ -188,6 +189,27 @@ class ReduceRule(OpRule):
             for i, s in enumerate(item_shapes):
                 if s is not None:
                     yield Couple(ctx.space(x, d), ctx.item(i, od))
+
+
+@register(torch.sum, torch.nansum, "sum", "nansum")
+class SumRule(ReduceRule):
+    """``sum`` over some dims (or all): the kept dims map to the output as for any reduction,
+    and the summed dims stay free. A removed unit's entries are zero in the masked original,
+    and zeros add nothing, so summing over a pruned dim is exact (GAT's per-head attention
+    logits ``(x * att).sum(-1)`` sum over the head's channels)."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        yield from super().couple(ctx)
+        x = ctx.arg(0, "input")
+        sx = ctx.shape(x)
+        if sx is None:
+            return
+        reduced = _reduced_dims(ctx.value(ctx.arg(1, "dim")), len(sx))
+        if reduced is None and ctx.out_shape == sx and len(sx) > 0:  # nansum(x, []): no-op
+            yield from ctx.identity(x, ctx.node)
+            return
+        for d in range(len(sx)) if reduced is None else sorted(reduced):
+            yield Couple(ctx.space(x, d), ctx.space(x, d))  # mentioned: free, tied to nothing
 
 
 def _keepdim_pos(node: fx.Node, name: str, dim_pos: int) -> int:

@@ -568,7 +568,9 @@ class GetItemRule(OpRule):
     """Indexing: tuple items, and tensors indexed by ints, unit-step slices, ``None`` and ``...``.
 
     Indices a slice leaves out are coupled to nothing here, so they are removable (nothing reads
-    them); an int index pins its one index. Other index kinds (tensors, steps) freeze the dim.
+    them); an int index pins its one index. Tensor indices (``x[edge_index[0]]``) gather along
+    the dims they index and map the others through (``scatter.index_couplings``); other
+    index kinds (steps, and ints or ``None`` beside a tensor) freeze the dim.
     """
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
@@ -581,8 +583,15 @@ class GetItemRule(OpRule):
                     yield Couple(Space.item(src.name, k % len(items), d), ctx.out(d))
             return
         sx = ctx.shape(src)
-        if sx is None or ctx.out_shape is None or _has_tensor(ctx, index):
-            return  # advanced (tensor) indexing: everything it touches stays frozen
+        if sx is None or ctx.out_shape is None:
+            return
+        if _has_tensor(ctx, index):  # advanced indexing (a gather): see ops/scatter.py
+            from .scatter import getitem_indices, index_couplings
+
+            indices = getitem_indices(ctx, index, len(sx))
+            if indices is not None:
+                yield from index_couplings(ctx, src, indices)
+            return
         plan = _index_plan(ctx.value(index), sx)
         if plan is None:
             return
@@ -687,7 +696,9 @@ def _index_plan(index: Any, sx: Sequence[int]) -> Optional[list[tuple[str, int, 
 
 @register("expand", "expand_as", torch.broadcast_to, "broadcast_to")
 class ExpandRule(OpRule):
-    """``expand``: dims that keep their size map to the output; stretched size-1 dims stay whole.
+    """``expand``: dims that keep their size map to the output; a stretched dim (from size 1, or
+    a new leading one) repeats one value, so it is free: whatever it meets decides, and
+    ``update`` writes the new size (a literal; a size read from another tensor stays as it is).
 
     For ``expand_as(other)`` the output's sizes come from ``other``, so other's dims are tied to
     the output's as well.
@@ -700,6 +711,12 @@ class ExpandRule(OpRule):
         yield from broadcast(ctx, [x], ctx.node)
         if op_name(ctx.node.target) == "expand_as":
             yield from ctx.identity(ctx.arg(1, "other"), ctx.node)
+        sx, so = ctx.shape(x), ctx.out_shape
+        if sx is not None and so is not None:  # stretched dims repeat one value: free
+            shift = len(so) - len(sx)
+            for d in range(len(so)):
+                if d < shift or (sx[d - shift] == 1 and so[d] != 1):
+                    yield Couple(ctx.out(d), ctx.out(d))
 
     def size_args(self, node: fx.Node) -> set:
         """The sizes ``update`` rewrites (``expand``'s, ``broadcast_to``'s)."""

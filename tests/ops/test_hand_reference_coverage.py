@@ -1,6 +1,6 @@
 """Every registered op rule is exercised by at least one hand-built reference.
 
-Runs every test of the two hand-reference modules in this process (parametrisations expanded)
+Runs every test of the hand-reference modules in this process (parametrisations expanded)
 while recording the rule of every node of every graph traced, then compares the rule classes
 seen with the registry. ``test_rule_table.py`` does the same for the generic oracle cases.
 """
@@ -12,7 +12,7 @@ import pytest
 from structprune.graph import depgraph
 from structprune.rules import Frozen, module_rule, registry
 
-from . import test_hand_references, test_hand_references_aten
+from . import test_hand_references, test_hand_references_aten, test_hand_references_scatter
 
 
 def _calls(module):
@@ -50,7 +50,8 @@ def test_every_rule_has_a_hand_built_reference(monkeypatch):
 
     monkeypatch.setattr(depgraph.DependencyGraph, "__init__", recording_init)
     ran = 0
-    for module in (test_hand_references, test_hand_references_aten):
+    for module in (test_hand_references, test_hand_references_aten,
+                   test_hand_references_scatter):
         for fn, kwargs in _calls(module):
             fn(**kwargs)
             ran += 1

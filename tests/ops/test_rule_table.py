@@ -55,6 +55,23 @@ def tok():
     return torch.randn(2, 5, 6, dtype=torch.float64)
 
 
+_SRC, _DST = [0, 1, 2, 3, 4, 5, 6, 0, 3], [1, 2, 3, 4, 5, 6, 0, 4, 0]
+
+
+def _message_passing(s, x):
+    """Gathers (``x[src]``, ``index_select``, ``aten.index``, ``gather``) and scatters
+    (``scatter_add_``, ``scatter_reduce``, ``index_add``) on a 7-node graph."""
+    src, dst = torch.tensor(_SRC), torch.tensor(_DST)
+    msg = x[src] * x.index_select(0, dst).sigmoid()
+    idx = dst.view(-1, 1).expand_as(msg)
+    out = x.new_zeros(x.shape).scatter_add_(0, idx, msg)
+    out = out + torch.scatter_reduce(torch.zeros_like(x), 0, idx, msg, "amax")
+    out = out + torch.ops.aten.index.Tensor(out, [torch.tensor([6, 5, 4, 3, 2, 1, 0])])
+    # unique rows: torch's TorchScript ONNX exporter overwrites repeated index_add rows
+    return torch.index_add(out, 0, torch.tensor([2, 0, 1]),
+                           torch.gather(x, 0, src[:3].view(-1, 1).expand(3, x.shape[1])))
+
+
 CASES = {
     # elementwise, activations, broadcasting
     "relu_module": (lambda: Seq(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(0.1), nn.Conv2d(8, 2, 1)), img),
@@ -108,6 +125,8 @@ CASES = {
     "new_zeros_ones_full": (lambda: Net(lambda s, x: x * x.new_ones((x.size(0), 8, 6, 6)) + x.new_zeros(x.size(0), 8, 6, 6)
                                         + x.new_full((x.size(0), 8, 1, 1), 0.5)), img),
     "expand_repeat": (lambda: Net(lambda s, x: x.mean((2, 3), keepdim=True).expand(-1, -1, 6, 6) + x.repeat(1, 1, 1, 1)), img),
+    # message passing: gather onto edges, scatter back onto nodes (ops/scatter.py)
+    "gather_scatter_nodes": (lambda: Tokens(_message_passing), lambda: img((7, 6))),
     # attention
     "sdpa_heads": (lambda: Heads(sdpa=True), tok),
     "mha": (lambda: MHANet(), tok),
@@ -233,7 +252,7 @@ def test_every_rule_is_covered():
 
 
 class TensorIndex(nn.Module):
-    """``table[idx]`` with a tensor index (relative position bias tables): frozen, not guessed."""
+    """``table[idx]`` with a tensor index (relative position bias tables): a gather of rows."""
 
     def __init__(self):
         super().__init__()
@@ -247,11 +266,13 @@ class TensorIndex(nn.Module):
         return self.post(self.mid(F.relu(self.conv(x))) + bias.t().reshape(1, 8, 6, 1))
 
 
-def test_tensor_indexing_is_frozen_but_the_rest_prunes():
+def test_tensor_indexing_gathers_rows_and_maps_the_channels():
+    """The gathered rows stay whole (the index values address them); the table's columns are
+    the channels ``mid`` adds it to, so they prune with ``mid``."""
     torch.manual_seed(0)
     model = randomize_(TensorIndex()).double().eval()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     graph = sp.trace(model, x)
-    params = {m.qualname for g in graph.groups() for m in g.params}
-    assert "table" not in params and "mid.bias" not in params and "conv.weight" in params
+    dims = {(m.qualname, m.space.dim) for g in graph.groups() for m in g.params}
+    assert ("table", 1) in dims and ("table", 0) not in dims and ("conv.weight", 0) in dims
     assert_rule(model, x, ratio=0.5, importance="random", onnx=False)
