@@ -1,13 +1,19 @@
 """Save and load a (pruned) model without its original code and without pickle.
 
 The file is one safetensors file: the tensors (parameters, buffers, tensor constants) plus, in its
-metadata, a JSON spec of the module tree (class path and plain attributes of every submodule)
-and of the fx graph (op, target, args of every node), and of every nested ``GraphModule``
-(the branches of higher-order ops such as ``wrap_with_autocast`` or ``cond`` in graphs captured
-by ``torch.export``). Loading rebuilds the modules and the ``fx.GraphModule``. Only functions and
-classes from ``torch``, ``operator``, ``math`` and ``builtins`` are resolved, plus registered
-operators (``torch.ops.aten.conv2d.default``, ``torch.ops.higher_order.cond``), so loading a file
-never runs code that is not already installed.
+metadata, a JSON spec of the module tree (class path and plain attributes of every submodule),
+of the fx graph (op, target, args of every node), of every nested ``GraphModule`` (the branches
+of higher-order ops such as ``wrap_with_autocast`` or ``cond`` in graphs captured by
+``torch.export``), of the graph's ``structprune_*`` metadata (how it was captured, the argument
+values it was specialised to) and, for a ``torch.export`` capture, of which input sizes are open
+(a GNN's node and edge counts), so that a loaded model still exports to ONNX with those axes
+open. A captured graph is stored as it is: saving a pruned ``GraphModule`` never re-traces.
+
+What a file may name (classes, functions) is an allow-list, :data:`ALLOWED`: ``torch``,
+``operator``, ``math``, ``builtins`` (less ``eval``, ``exec``, ``open`` and their kin),
+``torch_geometric`` and ``structprune``, plus registered operators (``torch.ops.aten.conv2d.
+default``, ``torch.ops.higher_order.cond``). Loading imports no module outside it and refuses a
+file that names anything else; :func:`allow` adds a package or one object you trust.
 
 A module's attributes are what its class's own ``__getstate__`` gives (as for pickle), and they
 are put back through its ``__setstate__``: derived state is rebuilt by the class itself (an
@@ -29,12 +35,104 @@ import torch.nn as nn
 from .errors import StructpruneError
 
 FORMAT = "structprune/1"
-_SAFE_PREFIXES = ("torch", "_operator", "operator", "builtins", "math")
 _BASE_KEYS = set(nn.Module().__dict__)
 
 
 class SerializationError(StructpruneError):
     """A model cannot be written, or a file cannot be read back."""
+
+
+# --- what a file may name ----------------------------------------------------------------------
+class AllowList:
+    """The modules and objects a file may name: ``"module:qualname"`` paths resolve only when
+    the module is, or lies in, an allowed package (or the path itself was allowed) and is not
+    denied. The object a path leads to is checked too, by its own ``__module__``: ``torch:os.
+    system`` leads out of torch and is refused. Use the module's :data:`ALLOWED` and
+    :func:`allow`."""
+
+    def __init__(self, packages: tuple[str, ...], denied_packages: tuple[str, ...] = (),
+                 denied: tuple[str, ...] = (), denied_names: tuple[str, ...] = ()) -> None:
+        self.packages: set[str] = set(packages)
+        self.objects: set[str] = set()
+        self.denied_packages: set[str] = set(denied_packages)
+        self.denied: set[str] = set(denied)  # "module:qualname" paths
+        self.denied_names: set[str] = set(denied_names)  # a path's or object's last name
+
+    @staticmethod
+    def _within(module: str, packages: set[str]) -> bool:
+        return any(module == p or module.startswith(p + ".") for p in packages)
+
+    def allows_package(self, module: str) -> bool:
+        """Whether ``module`` lies in an allowed package and in no denied one."""
+        return self._within(module, self.packages) and \
+            not self._within(module, self.denied_packages)
+
+    def allows_module(self, module: str) -> bool:
+        """Whether ``module`` may be imported when loading a file: it lies in an allowed
+        package, or holds an object allowed by path."""
+        return self.allows_package(module) or \
+            any(o.partition(":")[0] == module for o in self.objects)
+
+    def allows(self, path: str) -> bool:
+        """Whether the object at ``path`` (``"module:qualname"``) may be named in a file."""
+        if path in self.objects:
+            return True
+        module, _, name = path.partition(":")
+        parts = name.split(".")
+        return (self.allows_package(module) and path not in self.denied and
+                parts[-1] not in self.denied_names and
+                not any(p.startswith("__") for p in parts))
+
+    def allow(self, what: Any) -> None:
+        """Allow a package (``"mypkg"``, and its submodules), one object by path
+        (``"mypkg.layers:Thing"``) or one class or function (``allow(Thing)``)."""
+        if isinstance(what, str):
+            if not what or " " in what or what.count(":") > 1:
+                raise ValueError(f"allow() takes a package name ('mypkg') or an object path "
+                                 f"('mypkg.layers:Thing'), not {what!r:.80}")
+            (self.objects if ":" in what else self.packages).add(what)
+            return
+        module = getattr(what, "__module__", None)
+        name = getattr(what, "__qualname__", None)
+        if not (isinstance(module, str) and isinstance(name, str)) or "<locals>" in name:
+            raise ValueError(f"allow() takes a module-level class or function (or a package "
+                             f"name); {type(what).__name__} {what!r:.60} has no importable path")
+        self.objects.add(f"{module}:{name}")
+
+    def describe(self) -> str:
+        return ", ".join(sorted(self.packages | self.objects))
+
+    def __repr__(self) -> str:
+        return f"AllowList({self.describe()})"
+
+
+#: What files may name. Within these packages, what loads or runs code or data from a string or
+#: a file, or reaches the file system, processes or the network, is denied (``exec``, ``open``,
+#: ``torch.load``, ``torch.hub``, ``torch.ops.load_library``, ...).
+ALLOWED = AllowList(
+    packages=("torch", "operator", "_operator", "builtins", "math", "torch_geometric",
+              "structprune"),
+    denied_packages=("torch.hub", "torch.serialization", "torch.package",
+                     "torch.jit._serialization", "torch.utils.cpp_extension",
+                     "torch.utils.model_zoo", "torch.multiprocessing", "torch.distributed",
+                     "torch_geometric.io", "torch_geometric.datasets", "structprune.io",
+                     "structprune.cli"),
+    denied=tuple(f"builtins:{n}" for n in (
+        "eval", "exec", "compile", "__import__", "open", "input", "breakpoint", "globals",
+        "locals", "vars", "setattr", "delattr", "exit", "quit", "help", "memoryview")) +
+    tuple(f"{m}:{n}" for m in ("operator", "_operator")
+          for n in ("call", "methodcaller", "attrgetter")),
+    denied_names=("load", "save", "load_library", "import_ir_module",
+                  "import_ir_module_from_buffer", "_load_for_lite_interpreter",
+                  "_load_for_lite_interpreter_from_buffer", "system", "popen"))
+
+
+def allow(*what: Any) -> None:
+    """Let files name more than torch, PyG and structprune: a package (``allow("mypkg")``),
+    one object by path (``allow("mypkg.layers:Thing")``) or a class or function itself
+    (``allow(Thing)``). Only allow code you trust: loading a file imports what it names."""
+    for w in what:
+        ALLOWED.allow(w)
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -133,11 +231,19 @@ def _dec(v: Any, nodes: dict[str, fx.Node], root: Optional[nn.Module] = None) ->
     if tag == "float":
         return float(x)
     if tag in ("dtype", "memory_format", "layout"):
-        return getattr(torch, x)
+        kind = {"dtype": torch.dtype, "memory_format": torch.memory_format,
+                "layout": torch.layout}[tag]
+        value = getattr(torch, str(x), None)
+        if not isinstance(value, kind):
+            raise SerializationError(f"torch.{x!s:.60} in the file is not a torch.{tag}")
+        return value
     if tag == "device":
         return torch.device(x)
     if tag == "fn":
-        return _resolve(x)
+        fn = _resolve(x)
+        if isinstance(fn, type(math)):  # a module is a door to everything it imported
+            raise SerializationError(f"{x:.120} in the file is a module, not a class or function")
+        return fn
     if tag == "op":
         return _resolve_op(x)
     raise SerializationError(f"unknown tag {tag!r:.60} in the file")
@@ -152,17 +258,31 @@ def _qualname(obj: Any, where: str) -> str:
             if m and name and _resolve(f"{m}:{name}", check_only=True) is obj:
                 return f"{m}:{name}"
     name = names[0] or names[1] or type(obj).__name__
+    hint = (f"if you trust it, sp.io.allow('{mod.split('.')[0]}') before saving and loading"
+            if mod and mod != "__main__" and "<locals>" not in name else
+            "it must be a module-level class or function of an importable module")
     raise SerializationError(f"{where}: {mod + '.' if mod else ''}{name:.80} cannot be stored by "
-                             f"name (only torch, operator, math and builtins objects are)")
+                             f"name: files name only what the allow-list holds "
+                             f"({ALLOWED.describe():.200}); {hint}")
 
 
 def _resolve(path: str, check_only: bool = False) -> Any:
+    """The object at ``path`` (``"module:qualname"``), if :data:`ALLOWED` lets files name it;
+    a module outside the allow-list is never imported."""
     mod, _, name = path.partition(":")
-    if not mod.split(".")[0] in _SAFE_PREFIXES:
+
+    def refuse(why: str) -> Any:
         if check_only:
             return None
-        raise SerializationError(f"refusing to import {path:.120}: only torch, operator, math and "
-                                 f"builtins are resolved when loading")
+        top = mod.split(".")[0] or "?"
+        raise SerializationError(
+            f"refusing to import {path:.120}: {why}. Files may name only {ALLOWED.describe():.200}"
+            f". If you trust this file and that code, allow it first: sp.io.allow('{top}') "
+            f"(or sp.io.allow('{path:.120}') for this one object)")
+
+    if not ALLOWED.allows(path):
+        return refuse(f"{mod or '?'} is not on structprune's allow-list" if
+                      not ALLOWED.allows_module(mod) else "that object is not allowed")
     try:
         obj: Any = importlib.import_module(mod)
         for part in name.split("."):
@@ -171,6 +291,14 @@ def _resolve(path: str, check_only: bool = False) -> Any:
         if check_only:
             return None
         raise SerializationError(f"cannot resolve {path:.120}: {exc}") from exc
+    # The object must live where the allow-list says: 'torch:os.system' leads out of torch.
+    home = obj.__name__ if isinstance(obj, type(importlib)) else getattr(obj, "__module__", None)
+    if isinstance(home, str) and path not in ALLOWED.objects:
+        own = f"{home}:{getattr(obj, '__qualname__', '')}"
+        if not ALLOWED.allows_package(home) or own in ALLOWED.denied or \
+                own.rpartition(".")[2].rpartition(":")[2] in ALLOWED.denied_names:
+            return refuse(f"it leads to {home}.{getattr(obj, '__qualname__', '')}, which is "
+                          f"not on structprune's allow-list")
     return obj
 
 
@@ -318,20 +446,42 @@ def _module_spec(path: str, m: nn.Module, refs: dict[int, str]) -> dict:
     return {"class": _qualname(cls, where), "attrs": attrs}
 
 
+def _input_sizes(gm: fx.GraphModule) -> dict[str, dict]:
+    """For each placeholder holding a tensor of a ``torch.export`` capture (``meta["val"]``):
+    its sizes, each an int or, where the capture left it open, the symbol's name (one name per
+    symbol, so sizes export found equal stay equal), with the example sizes as ``hints``."""
+    out: dict[str, dict] = {}
+    for n in gm.graph.nodes:
+        val = n.meta.get("val") if n.op == "placeholder" else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        sizes: list[Any] = []
+        hints: list[int] = []
+        for s in val.shape:
+            fixed = s.node.maybe_as_int() if isinstance(s, torch.SymInt) else int(s)
+            sizes.append(fixed if fixed is not None else str(s.node.expr))
+            hint = s.node.hint if isinstance(s, torch.SymInt) else None
+            hints.append(int(hint) if hint is not None else (fixed if fixed is not None else 2))
+        out[n.name] = {"sizes": sizes, "hints": hints,
+                       "dtype": str(val.dtype).replace("torch.", ""), "device": str(val.device)}
+    return out
+
+
 def save(model: nn.Module, path: str, example_inputs: Any = None) -> None:
     """Write ``model`` (a pruned ``GraphModule`` or any capturable model) to ``path``.
 
     A model that is not a ``GraphModule`` (an unpruned model, or a pruned one of your own
     class) is captured first: by torch.fx, or, where fx cannot trace it, by torch.export on
     ``example_inputs`` (a tensor, a tuple of inputs or a dict of keyword inputs, as for
-    :func:`structprune.prune`). The file then holds that graph, specialised like any export
-    capture to eval mode and to the example shapes.
+    :func:`structprune.prune`). The file then holds that graph, with the input sizes the
+    capture left open. A ``GraphModule`` (what :func:`structprune.prune` returns for PyG models
+    and every ``torch.export`` capture) is stored as it is, never re-traced.
 
     Raises:
-        SerializationError: a submodule class or graph function lives outside torch/operator/
-            math/builtins (it could not be rebuilt without its code), or an attribute holds a
-            value that cannot be stored, naming the module and the attribute; or fx cannot trace
-            the model and no ``example_inputs`` were given.
+        SerializationError: a submodule class or graph function lies outside the allow-list
+            (:data:`ALLOWED`; :func:`allow` adds to it), or an attribute holds a value that
+            cannot be stored, naming the module and the attribute; or fx cannot trace the model
+            and no ``example_inputs`` were given.
     """
     from safetensors.torch import save_file
 
@@ -349,7 +499,10 @@ def save(model: nn.Module, path: str, example_inputs: Any = None) -> None:
             modules[p] = _module_spec(p, m, refs)
     spec = {"format": FORMAT, "class_name": type(model).__name__, "modules": modules,
             "tensors": kinds, "graph": _graph_spec(gm, "the model's graph"),
-            "training": model.training}
+            "training": model.training,
+            "meta": {k: _enc(v, f"the model's meta[{k!r}]") for k, v in gm.meta.items()
+                     if k.startswith("structprune_")},
+            "inputs": _input_sizes(gm)}
     save_file(tensors, path, metadata={"structprune": json.dumps(spec)})
 
 
@@ -364,11 +517,27 @@ def _new_module(spec: dict, where: str) -> nn.Module:
     return m
 
 
+def _check_names(node: str, op: str, target: Any, args: Any) -> None:
+    """Refuse attribute names that lead from the model's values to what the allow-list keeps
+    out (``x.__class__``, ``getattr(f, "__globals__")``, ``m.load(...)``)."""
+    names: list[Any] = []
+    if op in ("call_method", "get_attr", "call_module"):
+        names = str(target).split(".")
+    elif op == "call_function" and target in (getattr, hasattr) and len(args) > 1:
+        names = [args[1]]
+    bad = [n for n in names if not isinstance(n, str) or n.startswith("__") or
+           n in ALLOWED.denied_names]
+    if bad:
+        raise SerializationError(f"refusing to load node {node:.60} ({op} {str(target):.80}): "
+                                 f"the attribute name {bad[0]!r:.60} is not allowed in a file")
+
+
 def _build_graph(nodes_spec: list[dict]) -> fx.Graph:
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
     for ns in nodes_spec:
         target = _dec(ns["target"], nodes)
+        _check_names(ns["name"], ns["op"], target, _dec(ns["args"], nodes))
         nodes[ns["name"]] = graph.create_node(ns["op"], target, _dec(ns["args"], nodes),
                                               _dec(ns["kwargs"], nodes), name=ns["name"])
     return graph
@@ -387,7 +556,16 @@ def _depth(path: str) -> int:
 
 
 def load(path: str, map_location: str = "cpu") -> fx.GraphModule:
-    """Rebuild a model written by :func:`save`; needs no original code and unpickles nothing."""
+    """Rebuild a model written by :func:`save`; needs no original code and unpickles nothing.
+
+    The graph's ``structprune_*`` meta comes back, and a ``torch.export`` capture's placeholders
+    get fake tensors with its open sizes as ``meta["val"]`` (what ``sp.export_onnx`` reads).
+
+    Raises:
+        SerializationError: the file names a class or function outside the allow-list
+            (:data:`ALLOWED`; the message says how to :func:`allow` it; nothing outside it is
+            imported), or an attribute name that leads past it; or it is no structprune file.
+    """
     from safetensors import safe_open
 
     with safe_open(path, framework="pt", device=map_location) as f:
@@ -441,4 +619,41 @@ def load(path: str, map_location: str = "cpu") -> fx.GraphModule:
                     m._modules[k] = sub
     gm = _graph_module(root, spec["graph"], spec["class_name"])
     gm.train(spec.get("training", False))
+    gm.meta.update({k: _dec(v, {}) for k, v in spec.get("meta", {}).items()})
+    _restore_input_sizes(gm, spec.get("inputs", {}))
     return gm
+
+
+def _restore_input_sizes(gm: fx.GraphModule, inputs: dict[str, dict]) -> None:
+    """Give the placeholders back their ``meta["val"]``: fake tensors whose open sizes are
+    symbols of one fresh ``ShapeEnv`` (one per name stored by :func:`_input_sizes`), as the
+    ``torch.export`` capture left them, so that what reads them (``sp.export_onnx``'s open
+    axes) sees the loaded model as it saw the saved one."""
+    if not inputs:
+        return
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv(duck_shape=False)  # sizes stay distinct unless the file says they are one
+    symbols: dict[str, torch.SymInt] = {}
+
+    def size(key: Any, hint: int, where: str) -> Any:
+        if isinstance(key, int):
+            return key
+        if key not in symbols:
+            source = ConstantSource(where)
+            sym = env.create_symbol(max(int(hint), 2), source, dynamic_dim=DimDynamic.DYNAMIC)
+            symbols[key] = env.create_symintnode(sym, hint=max(int(hint), 2), source=source)
+        return symbols[key]
+
+    mode = FakeTensorMode(shape_env=env)
+    for n in gm.graph.nodes:
+        info = inputs.get(n.name) if n.op == "placeholder" else None
+        if info is None:
+            continue
+        sizes = [size(k, h, f"{n.name}_size_{d}")
+                 for d, (k, h) in enumerate(zip(info["sizes"], info["hints"]))]
+        with mode:
+            n.meta["val"] = torch.empty(sizes, dtype=getattr(torch, info["dtype"]),
+                                        device=info["device"])
