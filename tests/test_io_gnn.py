@@ -105,6 +105,12 @@ def test_graph_classifier_round_trips_and_exports_with_open_axes(tmp_path):
     assert isinstance(dims[0][0], str) and dims[0][1] == 8  # nodes open, features fixed
     assert dims[1][0] == 2 and isinstance(dims[1][1], str)  # edges open
     assert dims[2][0] == dims[0][0]  # batch has one entry per node
+    # A loaded model saves again with the same open sizes.
+    sp.save(again, str(tmp_path / "g2.sp"))
+    assert captured_axes(sp.load(str(tmp_path / "g2.sp")), NAMES) == \
+        captured_axes(pruned, NAMES) == {"input_0": {0: "input_0_dim0"},
+                                         "input_1": {1: "input_1_dim1"},
+                                         "input_2": {0: "input_0_dim0"}}
 
 
 class PygBlocks(nn.Module):
