@@ -23,8 +23,7 @@ from ..rules import (Couple, CoupleContext, Freeze, OpRule, Record, Role, Space,
                      register)
 from .attention import SDPARule
 from .conv import FunctionalConvRule, _conv_macs, conv_couplings
-from .elementwise import (BroadcastRule, ReduceRule, SoftmaxRule, SumRule, TypeAsRule,
-                          UnaryRule)
+from .elementwise import BroadcastRule, ReduceRule, SoftmaxRule, TypeAsRule, UnaryRule
 from .linear import EinsumRule, FunctionalLinearRule, MatmulRule
 from .norm import (FunctionalGroupNormRule, LayerNormRule, functional_stats, reduced_dims,
                    stat_couplings)
@@ -75,13 +74,14 @@ _BINARY += ["pow.Tensor_Tensor", "pow.Scalar", "div.Tensor_mode", "maximum.defau
 extend(BroadcastRule, *_ops(*_BINARY))
 extend(TypeAsRule, *_ops("type_as.default", "to.other"))
 
-extend(SumRule, *_ops("sum.dim_IntList", "sum.default", "nansum.default"))
 extend(ReduceRule, *_ops(
-    "mean.dim", "amax.default", "amin.default", "max.dim", "min.dim",
+    "sum.dim_IntList", "sum.default", "nansum.default", "mean.dim", "amax.default", "amin.default", "max.dim", "min.dim",
     "argmax.default", "argmin.default", "var.dim", "var.correction", "std.dim",
     "std.correction", "var_mean.correction", "std_mean.correction", "prod.dim_int",
     "logsumexp.default", "norm.ScalarOpt_dim", "linalg_vector_norm.default",
-    "nanmean.default", "any.dim", "any.dims", "all.dim", "all.dims", "mean.default"))
+    "nanmean.default", "any.dim", "any.dims", "all.dim", "all.dims", "mean.default",
+    "std.default", "var.default", "max.default", "min.default", "prod.default", "any.default",
+    "all.default"))
 extend(SoftmaxRule, *_ops("softmax.int", "_softmax.default", "log_softmax.int",
                           "_log_softmax.default", "cumsum.default"))
 

@@ -153,14 +153,19 @@ def _reduced_dims(dim: Any, ndim: int) -> Optional[set[int]]:
 
 @register(torch.mean, torch.amax, torch.amin, torch.std, torch.var, torch.prod,
           torch.logsumexp, torch.norm, torch.max, torch.min, torch.argmax, torch.argmin,
-          torch.nanmean, torch.all, torch.any,
+          torch.nanmean, torch.all, torch.any, torch.sum, torch.nansum,
           "mean", "amax", "amin", "std", "var", "prod", "logsumexp", "norm", "max", "min",
-          "argmax", "argmin", "nanmean", "all", "any")
+          "argmax", "argmin", "nanmean", "all", "any", "sum", "nansum")
 class ReduceRule(OpRule):
-    """Reductions over some dims: the kept dims map to the output, the reduced dims are frozen.
+    """Reductions over some dims (or all): the kept dims map to the output.
 
-    Reducing over a channel dim mixes channels (a mean divides by their count), so that dim must
-    stay whole. ``max(x, dim)`` returns ``(values, indices)``; both items follow the kept dims.
+    A reduced dim is free where a zero entry changes nothing, so that reducing over a pruned
+    dim is exact (a removed unit's entries are zero in the masked original): ``sum``,
+    ``nansum``, ``any`` and p-norms with ``p >= 0`` (GAT's per-head logits
+    ``(x * att).sum(-1)``, ``F.normalize``'s L2 norm over the channels). Other reductions mix
+    the entries (a mean divides by their count, a max may pick a zero), and the reduced dims
+    are frozen with that reason. ``max(x, dim)`` returns ``(values, indices)``; both items
+    follow the kept dims.
     """
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
@@ -169,12 +174,21 @@ class ReduceRule(OpRule):
         if sx is None:
             return
         name = op_name(ctx.node.target)
-        dim_pos = 2 if name in ("norm", "linalg_vector_norm") else 1
+        dim_pos = 2 if name in _NORMS else 1
         dim = ctx.arg(dim_pos, "dim")
         if name in ("max", "min") and isinstance(dim, fx.Node):  # torch.max(x, y): binary
             yield from broadcast(ctx, ctx.node.all_input_nodes, ctx.node)
             return
         reduced = _reduced_dims(ctx.value(dim), len(sx))
+        if reduced is None and ctx.out_shape == sx and len(sx) > 0:  # nansum(x, []): no-op
+            yield from ctx.identity(x, ctx.node)
+            return
+        if _zero_neutral(ctx, name):
+            for d in range(len(sx)) if reduced is None else sorted(reduced):
+                yield Couple(ctx.space(x, d), ctx.space(x, d))  # mentioned: free, tied to nothing
+        else:
+            why = f"{name} mixes the entries it reduces: removing some would change the result"
+            yield from ctx.freeze(x, why, None if reduced is None else sorted(reduced))
         if reduced is None:
             return
         keepdim = bool(ctx.value(ctx.arg(_keepdim_pos(ctx.node, name, dim_pos), "keepdim",
@@ -191,25 +205,18 @@ class ReduceRule(OpRule):
                     yield Couple(ctx.space(x, d), ctx.item(i, od))
 
 
-@register(torch.sum, torch.nansum, "sum", "nansum")
-class SumRule(ReduceRule):
-    """``sum`` over some dims (or all): the kept dims map to the output as for any reduction,
-    and the summed dims stay free. A removed unit's entries are zero in the masked original,
-    and zeros add nothing, so summing over a pruned dim is exact (GAT's per-head attention
-    logits ``(x * att).sum(-1)`` sum over the head's channels)."""
+_NORMS = ("norm", "linalg_vector_norm")
 
-    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
-        yield from super().couple(ctx)
-        x = ctx.arg(0, "input")
-        sx = ctx.shape(x)
-        if sx is None:
-            return
-        reduced = _reduced_dims(ctx.value(ctx.arg(1, "dim")), len(sx))
-        if reduced is None and ctx.out_shape == sx and len(sx) > 0:  # nansum(x, []): no-op
-            yield from ctx.identity(x, ctx.node)
-            return
-        for d in range(len(sx)) if reduced is None else sorted(reduced):
-            yield Couple(ctx.space(x, d), ctx.space(x, d))  # mentioned: free, tied to nothing
+
+def _zero_neutral(ctx: CoupleContext, name: str) -> bool:
+    """Whether a zero entry leaves the reduction unchanged."""
+    if name in ("sum", "nansum", "any"):
+        return True
+    if name in _NORMS:
+        p = ctx.value(ctx.arg(1, "ord" if name == "linalg_vector_norm" else "p", 2))
+        p = 2 if p is None else p
+        return p == "fro" or (isinstance(p, (int, float)) and p >= 0)
+    return False
 
 
 def _keepdim_pos(node: fx.Node, name: str, dim_pos: int) -> int:

@@ -232,8 +232,9 @@ def _reduce(key):
     ov = str(key) if isinstance(key, torch._ops.OpOverload) else ""
     pre = (lambda x: x > 0) if name in ("all", "any") else (lambda x: x)
     if ov:
-        if ov.endswith(".default") and name in ("mean", "sum"):
-            return one(lambda f, xs, b: f(xs[0]), [_R])
+        if ov.endswith(".default") and name in ("mean", "sum", "std", "var", "max", "min",
+                                                "prod", "any", "all"):
+            return one(lambda f, xs, b: f(pre(xs[0])), [_R])
         dim = 1 if ov.endswith((".dim", ".dim_int")) and name not in ("mean", "var", "std") \
             else [1, -1]
         if name in ("mean", "sum", "amax", "amin", "nansum", "nanmean", "logsumexp"):
@@ -474,7 +475,7 @@ FAMILIES = {
     "Pool3dRule": lambda k: _pool(k, 3), "InterpolateRule": _interpolate, "PadRule": _pad,
     "BatchNormRule": _norm, "FunctionalBatchNormRule": _norm, "AtenBatchNormRule": _norm,
     "AtenNativeBatchNormRule": _norm, "GroupNormRule": _norm, "FunctionalGroupNormRule": _norm,
-    "LayerNormRule": _norm, "SDPARule": _sdpa, "SumRule": _reduce, "ScatterRule": _scatter,
+    "LayerNormRule": _norm, "SDPARule": _sdpa, "ScatterRule": _scatter,
     "IndexAddRule": _scatter, "IndexRule": _scatter,
 }
 
