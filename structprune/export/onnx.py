@@ -143,6 +143,8 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, chec
     if kwargs:
         raise ExportError("export_onnx takes positional example inputs (a tensor or a tuple)")
     m = copy.deepcopy(model).float().eval()
+    if hasattr(m, "real_recompile"):  # a lazy GraphModule's copy: give it its real signature
+        m.real_recompile()
     args = _float32(args)
     names = [f"input_{i}" for i in range(len(args))]
     captured = captured_axes(model, names)
