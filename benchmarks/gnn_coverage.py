@@ -552,7 +552,7 @@ def _run_case(case: Case, tol: float, onnx: bool, tp: bool,
 
 def _run_structprune(case: Case, rec: dict[str, Any], tol: float, onnx: bool) -> None:
     import structprune as sp
-    from structprune.graph.trace import placeholder_values
+    from structprune.graph.shapes import placeholder_values
     from structprune.oracle import MaskedInterpreter, masked_output, max_rel_diff
     from structprune.plan import count_macs
 

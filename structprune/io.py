@@ -355,7 +355,8 @@ def _as_graph_module(model: nn.Module, example_inputs: Any = None) -> fx.GraphMo
         return model
     from .errors import TraceError
     from .graph.inputs import capture_guarded
-    from .graph.trace import adopt_tensors, normalize_inputs
+    from .graph.capture import normalize_inputs
+    from .graph.export_capture import adopt_tensors
     from .rules import registry
 
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else None
@@ -544,7 +545,7 @@ def _build_graph(nodes_spec: list[dict]) -> fx.Graph:
 
 
 def _graph_module(holder: nn.Module, nodes_spec: list[dict], name: str) -> fx.GraphModule:
-    from .graph.trace import adopt_tensors
+    from .graph.export_capture import adopt_tensors
 
     gm = fx.GraphModule(holder, _build_graph(nodes_spec), name)
     adopt_tensors(gm, holder)  # tensors no node reads (e.g. an exported BatchNorm's counter)

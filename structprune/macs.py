@@ -28,7 +28,8 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import StructpruneWarning
-from .graph.trace import ShapeInterpreter, _load_args, eval_mode, placeholder_values, to_meta
+from .graph.shapes import ShapeInterpreter, _load_args, placeholder_values, to_meta
+from .modes import eval_mode
 from .rules import MacContext, OpRule, Space
 
 if TYPE_CHECKING:

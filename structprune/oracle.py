@@ -10,7 +10,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .graph.depgraph import DependencyGraph
-from .graph.trace import normalize_inputs, placeholder_values
+from .graph.capture import normalize_inputs
+from .graph.shapes import placeholder_values
 from .plan import Plan
 
 

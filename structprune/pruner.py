@@ -15,11 +15,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import allocate, importance as importance_mod
-from .apply import (Applied, Snapshot, apply_plan_, apply_plan_copy, held_parameters,
-                    literal_sizes_error)
+from .apply_copy import Applied, apply_plan_copy
+from .apply_in_place import Snapshot, apply_plan_, held_parameters, literal_sizes_error
 from .errors import NothingPrunedWarning, PlanError, StructpruneWarning
 from .graph.depgraph import DependencyGraph, resolve_ignore, trace
-from .graph.trace import ExampleInputs, check_model, normalize_inputs
+from .graph.capture import ExampleInputs, check_model, normalize_inputs
 from .importance.base import scoring_pass
 from .scratch import scratch_space
 from .plan import Plan, count_macs, count_params
@@ -349,7 +349,7 @@ class Pruner:
         original's output to measure the pruned model against; else None."""
         if all(getattr(r, "exact", True) for r in plan.graph.node_rules.values()):
             return None
-        from .graph.trace import eval_mode
+        from .modes import eval_mode
         from .oracle import masked_output
 
         with eval_mode(plan.graph.graph_module), eval_mode(plan.graph.model):
@@ -358,7 +358,7 @@ class Pruner:
     def _measure_deviation(self, reference: Any, pruned: nn.Module) -> None:
         if reference is None:
             return
-        from .graph.trace import eval_mode
+        from .modes import eval_mode
         from .oracle import max_rel_diff, run
 
         with eval_mode(pruned):
@@ -469,7 +469,7 @@ class _CalibrationGradients:
             raise
 
     def _accumulate(self, model: nn.Module, params: list) -> None:
-        from .graph.trace import eval_mode
+        from .modes import eval_mode
 
         pr = self.pruner
         n = 0

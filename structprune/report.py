@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from .graph.depgraph import resolve_ignore, trace
 from .pruner import measured_deviation
-from .graph.trace import ExampleInputs
+from .graph.capture import ExampleInputs
 from .plan import count_macs
 
 

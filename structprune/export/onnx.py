@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import StructpruneError
-from ..graph.trace import ExampleInputs, normalize_inputs
+from ..graph.capture import ExampleInputs, normalize_inputs
 
 Exporter = Literal["auto", "torchscript", "dynamo"]
 

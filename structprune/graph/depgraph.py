@@ -23,7 +23,9 @@ from ..rules import (Choice, Couple, CoupleContext, Freeze, Frozen, OpRule, Reco
 from .coupling import Solution, SpaceTable, solve
 from .group import Group, build_groups
 from .inputs import capture_guarded, concrete_args
-from .trace import ExampleInputs, Tracer, check_model, has_forward_hooks, normalize_inputs, record_shapes
+from .capture import ExampleInputs, check_model, has_forward_hooks, normalize_inputs
+from .shapes import record_shapes
+from .trace import Tracer
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class DependencyGraph:
             the model was captured by ``torch.export``, its parameter and buffer tensors). Node
             names are stable: tracing the same model twice gives the same names. It generates
             its Python code lazily (``torch.fx``'s lazy GraphModule): calling it works, but for
-            TorchScript make it plain first (``structprune.graph.trace.plain_module``).
+            TorchScript make it plain first (``structprune.graph.modules.plain_module``).
         shapes: output shape of every tensor node (a list for tuple outputs).
     """
 

@@ -88,12 +88,12 @@ def concrete_args(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]
 
 def capture_guarded(model: nn.Module, rules: dict, leaf_modules: Any, args: tuple, kwargs: dict,
                     with_inputs: bool = True) -> fx.GraphModule:
-    """:func:`structprune.graph.trace.capture` with the non-tensor arguments handled: fx traces
+    """:func:`structprune.graph.capture.capture` with the non-tensor arguments handled: fx traces
     ``None``/bool/str as constants, and :func:`specialise` guards what the graph fixed. Values
     a pruned model of the user's class was pruned for (its guard hook) are fixed and guarded
     again, whatever the example inputs say. ``with_inputs=False``: fx only (no export
     fallback), the arguments' defaults standing in for the example."""
-    from .trace import capture
+    from .capture import capture
 
     pinned = guarded_values(model)
     values = {**example_values(model, args, kwargs), **pinned}

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.graph.trace import capture
+from structprune.graph.capture import capture
 from structprune.rules import registry
 from structprune.testing import MaskedInterpreter, assert_rule, max_rel_diff, randomize_
 from tests.test_errors import Branchy

@@ -1,7 +1,7 @@
 """The shortcuts the engine takes for speed must agree exactly with what they replace.
 
 * meta-device shape shortcuts (conv/linear formulas, float arithmetic) vs. the real kernels;
-* the dictionary copy of plain modules in ``apply.copy_sliced`` vs. ``copy.deepcopy``;
+* the dictionary copy of plain modules in ``slicing.copy_sliced`` vs. ``copy.deepcopy``;
 * grouping after whole-space merging (``SpaceTable.merge``) vs. the unmerged element solve.
 """
 import copy
@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 import models
 import structprune as sp
-from structprune.apply import copy_sliced
+from structprune.slicing import copy_sliced
 from structprune.graph import coupling
 from structprune.graph.group import build_groups
-from structprune.graph.trace import _conv_shape, _meta_elementwise, _meta_fast_path
+from structprune.graph.fast_paths import _conv_shape, _meta_elementwise, _meta_fast_path
 
 
 # ---------------------------------------------------------------------------- conv/linear shapes

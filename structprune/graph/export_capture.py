@@ -1,0 +1,211 @@
+"""Capture a model with ``torch.export`` where fx symbolic tracing cannot.
+
+:func:`capture_export` exports the model on its example inputs with every input size left open
+that the program allows (a graph's node and edge counts, a batch) and turns the exported program
+into a plain ``GraphModule`` of ATen ops (their rules live in ``ops/aten.py``) that takes the
+model's own arguments and keeps its parameters' names.
+"""
+from __future__ import annotations
+
+import collections
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import TraceError
+from ..modes import eval_mode
+from .modules import _drop_unused, analysis_module
+
+
+def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """Capture ``model`` with ``torch.export.export(strict=False)`` as a plain ``GraphModule``.
+
+    The export graph holds ATen ops (``aten.conv2d.default``), with every input size left open
+    that the program does not fix (:func:`_auto_dynamic`; a graph's node and edge counts, a batch),
+    in eval mode (BatchNorm reads its running statistics, dropout is off). Its
+    parameters and buffers keep their qualified names and are the model's own tensors. The
+    result takes the model's own arguments (nested inputs are unpacked with ``getitem``) and
+    returns its output structure; ``gm.meta["structprune_capture"] == "export"``.
+    """
+    import warnings
+
+    with eval_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = _export_dynamic(model, args, kwargs)
+    epm = ep.module()
+    graph = _plain_graph(epm.graph)
+    _drop_unused(graph)
+    gm = analysis_module(epm, graph, type(model).__name__)
+    # Tensors the graph does not read (num_batches_tracked, unused layers) stay, so that the
+    # state dict keeps the model's keys.
+    adopt_tensors(gm, epm)
+    gm.meta["structprune_capture"] = "export"
+    return gm
+
+
+def _export_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``torch.export`` with every input size open that the program allows (:func:`_auto_dynamic`).
+
+    Tried in order: non-strict export; strict export (TorchDynamo) with ``.item()`` captured as
+    a symbolic value, which keeps a size computed from the data open (``int(batch.max()) + 1``,
+    the number of graphs in a batch, which non-strict export cannot leave open); and last the
+    example's sizes as they are. The first error is raised when all fail.
+    """
+    dynamic = _auto_dynamic(model, args, kwargs)
+    attempts = [lambda: torch.export.export(model, tuple(args), dict(kwargs), strict=False,
+                                            dynamic_shapes=dynamic),
+                lambda: _export_strict(model, args, kwargs, dynamic),
+                lambda: torch.export.export(model, tuple(args), dict(kwargs), strict=False)]
+    first: Optional[BaseException] = None
+    for attempt in attempts if dynamic is not None else attempts[2:]:
+        try:
+            return attempt()
+        except Exception as exc:  # export raises many types
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+def _export_strict(model: nn.Module, args: tuple, kwargs: dict, dynamic: Any) -> Any:
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        try:
+            return torch.export.export(model, tuple(args), dict(kwargs), strict=True,
+                                       dynamic_shapes=dynamic)
+        finally:
+            torch._dynamo.reset()
+
+
+def _auto_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``dynamic_shapes`` for ``torch.export`` that leaves every input dim open (``Dim.AUTO``).
+
+    Export then keeps a dim symbolic unless the program fixes it (a ``Linear`` fixes the feature
+    dim, a size of 0 or 1 is taken as it is), so the captured graph runs at any batch, sequence,
+    image or graph size the model does, and the sizes it could not leave open are exactly the
+    static ones in its placeholders' ``meta["val"]`` (what :func:`inputs.specialise` guards).
+    """
+    import inspect
+    import torch.utils._pytree as pytree
+
+    auto = torch.export.Dim.AUTO
+
+    def spec(v: Any) -> Any:
+        return pytree.tree_map(lambda t: {d: auto for d in range(t.dim())}
+                               if isinstance(t, torch.Tensor) else None, v)
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    return {name: spec(v) for name, v in bound.arguments.items()}
+
+
+def adopt_tensors(gm: fx.GraphModule, src: nn.Module) -> None:
+    """Give ``gm`` every parameter and buffer of ``src`` it lacks, under the same name.
+
+    ``fx.GraphModule(root, graph)`` copies only the tensors the graph reads; this keeps the others
+    (``num_batches_tracked``) so that the state dict has all of ``src``'s keys.
+    """
+    for qual, t in list(src.named_parameters()) + list(src.named_buffers()):
+        path, _, name = qual.rpartition(".")
+        owner: nn.Module = gm
+        for part in path.split(".") if path else []:
+            if not isinstance(getattr(owner, part, None), nn.Module):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        if name in owner._parameters or name in owner._buffers or hasattr(owner, name):
+            continue
+        if isinstance(t, nn.Parameter):
+            owner.register_parameter(name, t)
+        else:
+            src_owner = src.get_submodule(path) if path else src
+            owner.register_buffer(name, t, persistent=name not in
+                                  src_owner._non_persistent_buffers_set)
+
+
+def _children(spec: Any) -> list:
+    kids = getattr(spec, "children", None)
+    return list(kids()) if callable(kids) else list(spec.children_specs)
+
+
+def _plain_graph(old: fx.Graph) -> fx.Graph:
+    """Copy an ``ep.module()`` graph into one with the default codegen.
+
+    ``ep.module()`` takes the pytree-flattened leaves of ``(args, kwargs)``; here each model
+    argument is one placeholder (named like the forward's parameter or the keyword) and nested
+    ones are taken apart by ``getitem`` nodes that carry the old leaf placeholders' names. The
+    ``_guards_fn`` call (it checks the input shapes) is left out.
+    """
+    import torch.utils._pytree as pytree
+
+    info = old._codegen.pytree_info  # type: ignore[attr-defined]
+    in_spec, out_spec = info.in_spec, info.out_spec
+    args_spec, kwargs_spec = _children(in_spec)
+    leaves = iter([n for n in old.nodes if n.op == "placeholder"])
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    n_pos = args_spec.num_children
+    names = list(info.orig_args[:n_pos]) + [f"arg{i}" for i in range(len(info.orig_args), n_pos)]
+    inputs = list(zip(names, _children(args_spec)))
+    inputs += list(zip(kwargs_spec.context or [], _children(kwargs_spec)))
+    taken = {n.name for n in old.nodes}
+
+    def unpack(spec: Any, parent: fx.Node, label: str) -> None:
+        for k, child in enumerate(_children(spec)):
+            if spec.type in (dict, collections.OrderedDict):
+                key = spec.context[k]
+            elif spec.type in (tuple, list) or (isinstance(spec.type, type) and issubclass(
+                    spec.type, tuple) and hasattr(spec.type, "_fields")):
+                key = k
+            else:
+                raise TraceError(f"cannot take apart an input of type "
+                                 f"{getattr(spec.type, '__name__', spec.type)}")
+            if child.is_leaf():
+                leaf = next(leaves)
+                env[leaf] = graph.create_node("call_function", operator.getitem, (parent, key),
+                                              name=leaf.name)
+                env[leaf].meta = dict(leaf.meta)
+            else:
+                name = f"{label}_{key}"
+                while name in taken:
+                    name += "_"
+                node = graph.create_node("call_function", operator.getitem, (parent, key),
+                                         name=name)
+                unpack(child, node, name)
+
+    for name, spec in inputs:
+        if spec.is_leaf():
+            leaf = next(leaves)
+            env[leaf] = graph.create_node("placeholder", name, name=leaf.name)
+            env[leaf].meta = dict(leaf.meta)
+        else:
+            node = graph.placeholder(name)
+            unpack(spec, node, name)
+    for n in old.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "call_module" and str(n.target).startswith("_guards_fn"):
+            continue
+        if n.op == "output":
+            flat = fx.map_arg(n.args[0], lambda a: env[a])
+            _check_output_spec(out_spec)
+            graph.output(pytree.tree_unflatten(list(flat), out_spec))
+            continue
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    return graph
+
+
+def _check_output_spec(spec: Any) -> None:
+    """fx can return tuples, lists, dicts and None; other containers cannot be rebuilt."""
+    if spec.is_leaf():
+        return
+    t = spec.type
+    if t not in (tuple, list, dict, type(None)):
+        raise TraceError(f"the model returns a {getattr(t, '__name__', t)}, which the exported "
+                         f"graph cannot rebuild")
+    for c in _children(spec):
+        _check_output_spec(c)
