@@ -43,6 +43,7 @@ class PruneConfig:
     iterative_steps: int = 1
     rules: Optional[dict] = None
     leaf_modules: tuple = field(default=())
+    head_channels: bool = False
 
     def __post_init__(self) -> None:
         ratios = list(self.ratio.values()) if isinstance(self.ratio, Mapping) else [self.ratio]
@@ -106,6 +107,8 @@ class Pruner:
             inputs), in eval mode, and the model's own ``.grad`` are restored afterwards.
         head_ratio: the fraction of attention heads to remove (groups whose units are heads,
             see :meth:`DependencyGraph.head_groups`), instead of ``ratio``.
+        head_channels: prune the channels inside attention heads (the same ones in every head:
+            GAT's per-head channels) instead of whole heads (see :func:`structprune.trace`).
         prune_normalized_dims: also prune dims that LayerNorm normalises (transformer residual
             streams), which cannot be exact; the pruner then measures the output deviation
             from the masked original (``Pruner.deviation``) instead of guaranteeing equality.
@@ -127,7 +130,8 @@ class Pruner:
                  max_ratio: Optional[float] = None, iterative_steps: int = 1,
                  rules: Optional[dict] = None, leaf_modules: Iterable[Any] = (),
                  data: Optional[Iterable[Any]] = None, loss_fn: Optional[Callable] = None,
-                 prune_normalized_dims: bool = False, head_ratio: Optional[float] = None) -> None:
+                 prune_normalized_dims: bool = False, head_ratio: Optional[float] = None,
+                 head_channels: bool = False) -> None:
         check_model(model)
         if ratio is not None and target_macs is not None:
             warnings.warn(f"both ratio={ratio!r} and target_macs={target_macs!r} given: "
@@ -144,7 +148,8 @@ class Pruner:
 
             rules = {**normalized_dims_rules(), **(rules or {})}
         self.config = PruneConfig(ratio, importance, tuple(ignore), global_, target_macs,
-                                  round_to, max_ratio, iterative_steps, rules, tuple(leaf_modules))
+                                  round_to, max_ratio, iterative_steps, rules, tuple(leaf_modules),
+                                  head_channels)
         self.importance = importance_mod.resolve(importance)
         self._ratio_paths = ratio_paths
         if head_ratio is not None:
@@ -190,7 +195,8 @@ class Pruner:
             mods = dict(self.model.named_modules())
             ignore = [mods[p] for p in self._ignore_paths if p in mods]
             self._graph = trace(self.model, self.example_inputs, rules=self.config.rules,
-                                leaf_modules=self.config.leaf_modules, ignore=ignore)
+                                leaf_modules=self.config.leaf_modules, ignore=ignore,
+                                head_channels=self.config.head_channels)
             if not self._orig_sizes:
                 self._orig_sizes = {s: n for s, n in self._graph.table.size.items() if s.is_param}
         return self._graph

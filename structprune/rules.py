@@ -414,6 +414,9 @@ class CoupleContext:
         self.module_path = module_path
         # Tensor shapes as tuples, shared by all contexts of one graph (rules ask for them often).
         self._tuples = tuple_shapes if tuple_shapes is not None else tensor_shapes(shapes)
+        #: Where a split dim may be tied to one of several factors (``E -> (H, D)``), prefer the
+        #: innermost (per-head channels) over the outermost (whole heads): ``head_channels``.
+        self.inner_first = False
 
     # --- arguments -----------------------------------------------------------------------------
     def arg(self, i: int, name: str, default: Any = None) -> Any:

@@ -116,9 +116,10 @@ class DependencyGraph:
 
     def __init__(self, model: nn.Module, example_inputs: ExampleInputs,
                  rules: Optional[dict[RuleKey, OpRule]] = None, leaf_modules: Iterable[Any] = (),
-                 ignore: Iterable[nn.Module] = ()) -> None:
+                 ignore: Iterable[nn.Module] = (), head_channels: bool = False) -> None:
         check_model(model)
         self.model = model
+        self.head_channels = head_channels
         self.rules = registry()
         self.rules.update(rules or {})
         self.args, self.kwargs = normalize_inputs(example_inputs)
@@ -285,6 +286,7 @@ class DependencyGraph:
             return [Freeze(s, rule.reason) for s in own + inputs]
         ctx = CoupleContext(n, module, self.shapes, self.values,
                             str(n.target) if n.op == "call_module" else None, self._tuple_shapes)
+        ctx.inner_first = self.head_channels
         try:
             produced = list(rule.couple(ctx))
         except Exception as exc:  # a rule that cannot read this call: freeze, never guess
@@ -397,7 +399,7 @@ class DependencyGraph:
 
 def trace(model: nn.Module, example_inputs: ExampleInputs, *,
           rules: Optional[dict[RuleKey, OpRule]] = None, leaf_modules: Iterable[Any] = (),
-          ignore: Iterable[nn.Module] = ()) -> DependencyGraph:
+          ignore: Iterable[nn.Module] = (), head_channels: bool = False) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` into a :class:`DependencyGraph`.
 
     Args:
@@ -406,6 +408,9 @@ def trace(model: nn.Module, example_inputs: ExampleInputs, *,
         rules: extra or overriding op rules for this call only, ``{nn.MyBlock: MyRule()}``.
         leaf_modules: module classes or instances not to trace into (frozen unless ruled).
         ignore: modules whose output dims must stay (e.g. the classifier).
+        head_channels: where a dim is split into heads and per-head channels (``E -> (H,
+            D)``: attention, GAT), tie its units to the channels inside the heads (the same
+            ones in every head) instead of to whole heads, the default.
 
     Raises:
         TraceError: the model cannot be traced or fails on the inputs (message names where).
@@ -418,4 +423,4 @@ def trace(model: nn.Module, example_inputs: ExampleInputs, *,
         >>> [grp.num_units for grp in g.groups()]
         [8]
     """
-    return DependencyGraph(model, example_inputs, rules, leaf_modules, ignore)
+    return DependencyGraph(model, example_inputs, rules, leaf_modules, ignore, head_channels)

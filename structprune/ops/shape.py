@@ -73,7 +73,22 @@ def reshape_couplings(flat_side: Any, multi_side: Any, flat_dim: int, dims: list
         recs: list[Record] = [Couple(flat, factor, np.arange(n), _coords(sizes, k))]
         recs += [Freeze(ctx.space(multi_side, e), "") for e in dims if e != d]
         options.append((factor, recs))
-    return Choice(options)
+    return Choice(options[::-1] if ctx.inner_first else options)
+
+
+def split_head_dim(sx: Sequence[int], so: Sequence[int]) -> Optional[tuple[str, int]]:
+    """Where a reshape splits the last dim into ``(H, D)`` (or merges ``(H, D)`` back), both
+    over 1 (``[N, H*D] <-> [N, H, D]``, GAT's heads): ``("out", d)`` or ``("in", d)`` for the
+    ``H`` dim of the output or the input; None for any other reshape."""
+    blocks = _blocks(sx, so)
+    for bi, bj in blocks or []:
+        if len(bi) == 1 and len(bj) == 2 and bi[0] == len(sx) - 1 and bj[1] == len(so) - 1 \
+                and so[bj[0]] > 1 and so[bj[1]] > 1:
+            return "out", bj[0]
+        if len(bj) == 1 and len(bi) == 2 and bj[0] == len(so) - 1 and bi[1] == len(sx) - 1 \
+                and sx[bi[0]] > 1 and sx[bi[1]] > 1:
+            return "in", bi[0]
+    return None
 
 
 def view_couplings(ctx: CoupleContext, x: Any, out: Any) -> Iterator[Record]:
@@ -138,6 +153,17 @@ class ReshapeRule(OpRule):
         yield from view_couplings(ctx, x, ctx.node)
         if ctx.node.op != "call_module" and op_name(ctx.node.target) in ("view_as", "reshape_as"):
             yield from touch(ctx, ctx.arg(1, "other"))
+
+    def head_dims(self, node: fx.Node, shapes: dict[str, tuple[int, ...]]) -> list[Space]:
+        """The ``H`` of a reshape between ``[..., H*D]`` and ``[..., H, D]`` (multi-head
+        layers such as GAT's write their heads this way)."""
+        x = node.args[0] if node.args else None
+        if not isinstance(x, fx.Node) or x.name not in shapes or node.name not in shapes:
+            return []
+        where = split_head_dim(shapes[x.name], shapes[node.name])
+        if where is None:
+            return []
+        return [Space.of_node(node if where[0] == "out" else x, where[1])]
 
     def size_args(self, node: fx.Node) -> set:
         """The sizes ``update`` rewrites: a view's/reshape's (after the tensor), unflatten's."""

@@ -203,3 +203,31 @@ def test_a_pruned_gnn_refuses_inputs_it_cannot_compute_with_a_clear_error():
     pruned = sp.prune(model, graph(10, 30), ratio=0.5)
     with pytest.raises(AssertionError, match="input 'x' with size 8 in dim 1"):
         pruned(*graph(10, 30, f=5))
+
+
+@pytest.mark.parametrize("conv", [GATConv, GATv2Conv])
+@pytest.mark.parametrize("concat", [True, False])
+def test_gat_prunes_whole_heads_or_the_channels_inside_every_head(conv, concat):
+    """Heads by default (``head_ratio`` sees them: the ``[N, H*D] -> [N, H, D]`` view), the
+    same channels of every head with ``head_channels=True``; exact either way."""
+    torch.manual_seed(0)
+    heads, hid = 4, 6
+    model = randomize_(Two(lambda i, o: conv(i, hid, heads=heads, concat=concat) if i else
+                           conv(hid * heads if concat else hid, o))).double().eval()
+    inputs, other = graph(10, 30), graph(19, 50, seed=4)
+    pruner = sp.Pruner(model, inputs, ratio=0.0, head_ratio=0.5)
+    if concat:  # concat=False averages the heads: a mean over them keeps every head
+        assert pruner.graph.head_groups()
+        pruned = assert_oracle(pruner, tol=1e-9)
+        assert _c1_widths(pruned) == {hid * heads // 2}
+    pruner = sp.Pruner(model, inputs, ratio=0.5, head_channels=True)
+    plan = pruner.plan()
+    pruned = assert_oracle(pruner, plan, tol=1e-9)
+    assert _c1_widths(pruned) == {heads * hid // 2}  # 3 channels left in all 4 heads
+    assert max_rel_diff(run(pruned, other), masked_output(pruner.graph, plan, other)) < 1e-9
+
+
+def _c1_widths(model):
+    """The output widths of the first GAT layer's linears (``lin``, or ``lin_l``/``lin_r``)."""
+    return {p.shape[0] for n, p in model.named_parameters()
+            if n.startswith("c1.lin") and n.endswith("weight")}
