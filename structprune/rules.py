@@ -250,6 +250,9 @@ class OpRule:
     #: instead of keeping it a leaf (the rule's :meth:`couple` then sees only the calls that
     #: :meth:`trace_through` declines, and the calls of modules the user made leaves).
     decomposes: bool = False
+    #: True if a module keyed on this rule returns a tensor of its one input's shape, dtype and
+    #: layout (activations, dropout): shape records then take that shape without running it.
+    preserves_shape: bool = False
 
     def couple(self, ctx: "CoupleContext") -> Iterable[Record]:
         """The coupling records of one call (default: none, so everything it touches freezes)."""
@@ -319,6 +322,15 @@ def op_name(target: Any) -> str:
 def registry() -> dict[RuleKey, OpRule]:
     """A copy of the built-in registry (module classes, functions and method names)."""
     return dict(_REGISTRY)
+
+
+def registered(key: RuleKey) -> Optional[OpRule]:
+    """The built-in rule registered for ``key`` exactly (no base-class lookup, no copy of the
+    registry), or None."""
+    try:
+        return _REGISTRY.get(key)
+    except TypeError:  # an unhashable key
+        return None
 
 
 def module_rule(module: nn.Module, rules: dict[RuleKey, OpRule]) -> Optional[OpRule]:

@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from ..rules import registered
+
 
 def _like(x: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like`` on the meta device without its Python decomposition."""
@@ -23,13 +25,12 @@ def _like(x: torch.Tensor) -> torch.Tensor:
 
 def _meta_fast_path(mod: nn.Module, args: Any, kwargs: Any) -> Any:
     """Output of common modules on meta inputs without their (slow) meta decompositions."""
-    from ..ops.elementwise import _UNARY_MODULES
-
     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return None
     x = args[0]
     cls = type(mod)
-    if cls in _UNARY_MODULES or cls in _SAME_SHAPE:
+    rule = registered(cls)
+    if (rule is not None and rule.preserves_shape) or cls in _SAME_SHAPE:
         return _like(x)
     if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         out = _conv_shape(mod, x)

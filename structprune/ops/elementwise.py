@@ -74,6 +74,8 @@ _UNARY_METHODS = (
 class UnaryRule(OpRule):
     """Element-wise on one tensor (activations, dropout, casts): every dim maps to itself."""
 
+    preserves_shape = True
+
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x = ctx.arg(0, "input")
         if ctx.shape(x) is not None and ctx.shape(x) == ctx.out_shape:

@@ -85,6 +85,17 @@ def test_linear_shortcut():
         _meta_fast_path(lin, (torch.empty(2, 5, device="meta"),), {})
 
 
+def test_shape_preserving_modules_are_named_by_their_rule(monkeypatch):
+    """The shortcut asks the module's registered rule (``OpRule.preserves_shape``), not a list."""
+    from structprune.ops.elementwise import UnaryRule
+
+    x = torch.empty(2, 3, 5, device="meta")
+    assert _meta_fast_path(nn.GELU(), (x,), {}).shape == x.shape
+    assert _meta_fast_path(nn.Flatten(), (x,), {}) is None  # its rule does not say so
+    monkeypatch.setattr(UnaryRule, "preserves_shape", False)
+    assert _meta_fast_path(nn.GELU(), (x,), {}) is None
+
+
 # ------------------------------------------------------------------------ float arithmetic
 SHAPES = [((2, 3, 4), (2, 3, 4)), ((2, 3, 4), (3, 1)), ((1, 3, 1), (2, 1, 5)), ((4,), ()),
           ((2, 3), (2, 1))]

@@ -43,14 +43,7 @@ def _crossings(package: str, other: str) -> dict[str, list[int]]:
 
 
 def test_graph_imports_nothing_from_ops():
-    # graph/fast_paths.py's meta fast path still reads ops.elementwise._UNARY_MODULES (outside
-    # the Tracer: to move to a rule attribute); everything else meets ops only in
-    # structprune.rules.
-    found = _crossings("graph", "ops")
-    assert found in ({}, {"graph/fast_paths.py": found.get("graph/fast_paths.py", [])}), found
-    if found:
-        src = (ROOT / "graph/fast_paths.py").read_text().splitlines()
-        assert all("_UNARY_MODULES" in src[ln - 1] for ln in found["graph/fast_paths.py"]), found
+    assert _crossings("graph", "ops") == {}
 
 
 def test_ops_imports_nothing_from_graph():
