@@ -19,9 +19,9 @@ import torch.fx as fx
 
 from .errors import UnsupportedOpError
 from .graph.modules import plain_module
-from .graph.shapes import ShapeInterpreter, placeholder_values
+from .graph.shapes import ShapeInterpreter, placeholder_values, shape_record
 from .plan import Plan
-from .rules import ApplyContext, OpRule, Space
+from .rules import ApplyContext, OpRule, Space, map_record
 from .scratch import scratch_space
 from .slicing import copy_sliced
 
@@ -50,10 +50,10 @@ class _Applier(ShapeInterpreter):
     def _check(self, n: fx.Node, out: Any, actx: ApplyContext) -> None:
         if isinstance(out, torch.Tensor):
             want = actx.new_shape(n)
-            got = tuple(out.shape)
-        elif actx.old_items(n) is not None and isinstance(out, (tuple, list)):
-            want = actx.new_items(n)
-            got = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in out]
+            got: Any = tuple(out.shape)
+        elif isinstance(out, (tuple, list, dict)):  # every tensor inside, at any depth
+            want = actx.new_record(n)
+            got = map_record(shape_record(out), lambda path, shape: tuple(shape))
         else:
             return
         if want is not None and got != want:

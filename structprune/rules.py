@@ -4,7 +4,8 @@ rules): each imports it, neither imports the other.
 
 A *space* (:class:`Space`) is one dimension of one tensor the trace sees, typed by its kind: an fx
 node's output (``Space.activation("conv1", 1)``), a model input (``Space.model_input("x", 0)``),
-one item of a node's tuple output (``Space.item("split", 0, 1)``) or a parameter/buffer
+one item of a node's tuple output (``Space.item("split", 0, 1)``; a nested item by its path,
+``Space.item("lstm", (1, 0), 2)`` for ``lstm(x)[1][0]``) or a parameter/buffer
 (``Space.param("layer1.0.conv1.weight", 0)``), at a :class:`Level` (channels; graph nodes or
 edges). Rules say which indices of which spaces are the same unit (:class:`Couple`), which may
 never be removed (:class:`Freeze`), what a parameter dim is to its op (:class:`Role`) and, where
@@ -34,6 +35,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+#: An item of a container-valued node: a key (tuple/list position or dict key) or a path of them.
+ItemIndex = Union[int, str, tuple]
+
+
 class SpaceKind(IntEnum):
     """Which tensor a :class:`Space` is a dim of.
 
@@ -42,7 +47,7 @@ class SpaceKind(IntEnum):
 
     ACTIVATION = 0  #: the one tensor an fx node outputs
     PARAMETER = 1  #: a parameter, buffer or tensor attribute, by qualified name
-    TUPLE_ITEM = 2  #: item ``k`` of a node whose output is a tuple/list of tensors
+    TUPLE_ITEM = 2  #: a tensor inside a node's tuple/list/dict output, at any depth
     MODEL_INPUT = 3  #: a placeholder: a tensor the model is called with
 
 
@@ -62,8 +67,12 @@ class Space(NamedTuple):
     :meth:`of_node`, :meth:`item`, :meth:`param`) and read them with the accessors
     (:attr:`node`, :attr:`param_name`, :attr:`is_param`, ...), never from a string. ``name`` is
     an fx node name (activations, model inputs, tuple items) or a parameter/buffer's qualified
-    name (parameters); ``item_index`` is the item of a tuple-valued node (else None); ``level``
-    takes part in equality, so one dim at two levels is two spaces.
+    name (parameters); ``item_index`` is the item of a container-valued node (else None): its
+    key in the node's output (a position, or a dict key), and ``item_subpath`` the keys below
+    it for a tensor nested deeper (``out[1][0]``: ``1`` and ``(0,)``; :attr:`item_path` reads
+    them as one path, ``(1, 0)``); ``level`` takes part in equality, so one dim at two levels
+    is two spaces. (Spaces of one node and dim sort by their paths: the keys at one depth of
+    one container are all positions or all dict keys, so they compare.)
 
     A named tuple of ints and strings (the enums are ``IntEnum``): spaces are hashed and compared
     millions of times while coupling and grouping, and tuple hashing runs in C.
@@ -72,41 +81,46 @@ class Space(NamedTuple):
     name: str
     dim: int
     kind: SpaceKind = SpaceKind.ACTIVATION
-    item_index: Optional[int] = None
+    item_index: Optional[Union[int, str]] = None
     level: Level = Level.CHANNEL
+    item_subpath: tuple = ()
 
     # --- constructors ----------------------------------------------------------------------------
     @staticmethod
     def activation(node: str, dim: int, level: Level = Level.CHANNEL) -> "Space":
         """Dim ``dim`` of the tensor fx node ``node`` outputs."""
-        return _new(Space, (node, dim, _ACTIVATION, None, level))
+        return _new(Space, (node, dim, _ACTIVATION, None, level, ()))
 
     @staticmethod
     def model_input(node: str, dim: int, level: Level = Level.CHANNEL) -> "Space":
         """Dim ``dim`` of the model input that placeholder ``node`` stands for."""
-        return _new(Space, (node, dim, _MODEL_INPUT, None, level))
+        return _new(Space, (node, dim, _MODEL_INPUT, None, level, ()))
 
     @staticmethod
     def of_node(node: "fx.Node", dim: int, level: Level = Level.CHANNEL) -> "Space":
         """Dim ``dim`` of fx node ``node``'s tensor: a model input for a placeholder, else an
         activation."""
         kind = _MODEL_INPUT if node.op == "placeholder" else _ACTIVATION
-        return _new(Space, (node.name, dim, kind, None, level))
+        return _new(Space, (node.name, dim, kind, None, level, ()))
 
     @staticmethod
-    def item(node: str, k: int, dim: int, level: Level = Level.CHANNEL) -> "Space":
-        """Dim ``dim`` of item ``k`` of the tuple/list fx node ``node`` outputs."""
-        return _new(Space, (node, dim, _TUPLE_ITEM, k, level))
+    def item(node: str, k: ItemIndex, dim: int, level: Level = Level.CHANNEL) -> "Space":
+        """Dim ``dim`` of item ``k`` of the tuple/list/dict fx node ``node`` outputs; ``k`` is a
+        key, or a path of keys into nested containers (``(1, 0)``: ``out[1][0]``)."""
+        if type(k) is tuple:
+            return _new(Space, (node, dim, _TUPLE_ITEM, k[0], level, k[1:]))
+        return _new(Space, (node, dim, _TUPLE_ITEM, k, level, ()))
 
     @staticmethod
     def param(qualname: str, dim: int, level: Level = Level.CHANNEL) -> "Space":
         """Dim ``dim`` of the parameter, buffer or tensor attribute ``qualname``
         (``"layer1.0.conv1.weight"``)."""
-        return _new(Space, (qualname, dim, _PARAMETER, None, level))
+        return _new(Space, (qualname, dim, _PARAMETER, None, level, ()))
 
     def with_dim(self, dim: int) -> "Space":
         """Another dim of the same tensor, at the same level."""
-        return _new(Space, (self.name, dim, self.kind, self.item_index, self.level))
+        return _new(Space, (self.name, dim, self.kind, self.item_index, self.level,
+                            self.item_subpath))
 
     # --- accessors -------------------------------------------------------------------------------
     @property
@@ -118,6 +132,12 @@ class Space(NamedTuple):
     def is_item(self) -> bool:
         """One item of a tuple-valued node."""
         return self.kind == _TUPLE_ITEM
+
+    @property
+    def item_path(self) -> tuple:
+        """The keys from the node's output down to this item (``(1, 0)`` for ``out[1][0]``);
+        ``()`` for a space that is not an item."""
+        return () if self.item_index is None else (self.item_index,) + self.item_subpath
 
     @property
     def is_input(self) -> bool:
@@ -156,7 +176,7 @@ class Space(NamedTuple):
         if self.kind == _PARAMETER:
             base = "@" + self.name
         elif self.kind == _TUPLE_ITEM:
-            base = f"{self.name}#{self.item_index}"
+            base = self.name + "".join(f"#{k}" for k in self.item_path)
         else:
             base = self.name
         lvl = "" if self.level == Level.CHANNEL else f" ({self.level.name.lower()})"
@@ -408,6 +428,48 @@ def lookup(node: fx.Node, module: Optional[nn.Module], rules: dict[RuleKey, OpRu
     return Frozen(f"no rule for {node.op}")
 
 
+#: What ``graph/shapes.py`` records per node: ``torch.Size`` for a tensor; for a tuple/list or
+#: dict that holds tensors at any depth, a list or dict of its items' records (``(out, (ei,
+#: alpha))`` -> ``[Size, [Size, Size]]``); None for anything else.
+ShapeRecord = Any
+
+
+def record_at(record: ShapeRecord, path: Sequence[Any]) -> ShapeRecord:
+    """The record of the item ``path`` leads to (``record[1][0]`` for ``(1, 0)``), or None."""
+    for k in path:
+        if isinstance(record, list) and type(k) is int and -len(record) <= k < len(record):
+            record = record[k]
+        elif isinstance(record, dict) and not isinstance(k, (list, dict)) and k in record:
+            record = record[k]
+        else:
+            return None
+    return record
+
+
+def record_leaves(record: ShapeRecord, prefix: tuple = ()) -> Iterator[tuple[tuple, torch.Size]]:
+    """``(path, shape)`` of every tensor in ``record``, depth first (``()`` for a tensor)."""
+    if isinstance(record, torch.Size):
+        yield prefix, record
+    elif isinstance(record, list):
+        for k, r in enumerate(record):
+            yield from record_leaves(r, prefix + (k,))
+    elif isinstance(record, dict):
+        for k, r in record.items():
+            yield from record_leaves(r, prefix + (k,))
+
+
+def map_record(record: ShapeRecord, fn: Callable[[tuple, torch.Size], Any],
+               prefix: tuple = ()) -> Any:
+    """``record`` with every tensor's shape replaced by ``fn(path, shape)``, containers kept."""
+    if isinstance(record, torch.Size):
+        return fn(prefix, record)
+    if isinstance(record, list):
+        return [map_record(r, fn, prefix + (k,)) for k, r in enumerate(record)]
+    if isinstance(record, dict):
+        return {k: map_record(r, fn, prefix + (k,)) for k, r in record.items()}
+    return None
+
+
 def tensor_shapes(shapes: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """``{node name: shape tuple}`` for the nodes whose value is one tensor."""
     return {k: tuple(v) for k, v in shapes.items() if isinstance(v, torch.Size)}
@@ -457,9 +519,44 @@ class CoupleContext:
         return self.shape(self.node)
 
     def item_shapes(self, a: fx.Node) -> Optional[list]:
-        """Shapes of the items of a node whose output is a tuple/list."""
+        """Shapes of the items of a node whose output is a tuple/list: one level, so an item that
+        is a container itself reads as None (:meth:`record` and :meth:`item_leaves` see into
+        it)."""
         s = self._shapes.get(a.name)
-        return s if isinstance(s, list) else None
+        if not isinstance(s, list):
+            return None
+        return s if all(x is None or type(x) is torch.Size for x in s) else [
+            x if type(x) is torch.Size else None for x in s]
+
+    def record(self, a: Any) -> ShapeRecord:
+        """The shape record of node ``a`` (:data:`ShapeRecord`, nested containers included)."""
+        return self._shapes.get(a.name) if isinstance(a, fx.Node) else None
+
+    def item_leaves(self, a: fx.Node) -> list[tuple[tuple, tuple[int, ...]]]:
+        """``(path, shape)`` of every tensor inside container node ``a``'s output, at any depth
+        (empty for a tensor node)."""
+        s = self.record(a)
+        return [] if isinstance(s, torch.Size) else [
+            (p, tuple(x)) for p, x in record_leaves(s)]
+
+    def take_item(self, src: fx.Node, k: Any) -> Iterator[Couple]:
+        """Couple item ``k`` of container node ``src`` to this node's output (``src[k]``): dim by
+        dim for a tensor item, leaf by leaf for an item that is a container again."""
+        rec = self.record(src)
+        if isinstance(rec, list) and type(k) is int and rec:
+            k %= len(rec)
+        item = record_at(rec, (k,))
+        if isinstance(item, torch.Size):
+            if self.out_shape is not None:
+                for d in range(len(self.out_shape)):
+                    yield Couple(Space.item(src.name, k, d), self.out(d))
+            return
+        own = self.record(self.node)
+        for path, s in record_leaves(item):
+            if isinstance(record_at(own, path), torch.Size):
+                for d in range(len(s)):
+                    yield Couple(Space.item(src.name, (k,) + path, d),
+                                 Space.item(self.node.name, path, d))
 
     def space(self, a: Any, dim: int) -> Space:
         s = self.shape(a)
@@ -469,9 +566,11 @@ class CoupleContext:
     def out(self, dim: int) -> Space:
         return self.space(self.node, dim)
 
-    def item(self, k: int, dim: int) -> Space:
-        shapes = self.item_shapes(self.node) or []
-        nd = len(shapes[k]) if k < len(shapes) and shapes[k] is not None else dim + 1
+    def item(self, k: ItemIndex, dim: int) -> Space:
+        """Dim ``dim`` of item ``k`` (a key, or a path into nested containers) of this node's
+        output."""
+        s = record_at(self._shapes.get(self.node.name), k if type(k) is tuple else (k,))
+        nd = len(s) if isinstance(s, torch.Size) else dim + 1
         return Space.item(self.node.name, k, dim % nd)
 
     def param(self, name: str, dim: int) -> Space:
@@ -564,7 +663,8 @@ class ApplyContext:
     def old_items(self, a: fx.Node) -> Optional[list[Optional[tuple[int, ...]]]]:
         """Shapes of the items of tuple-valued node ``a`` as traced (None for non-tensors)."""
         s = self._shapes.get(a.name)
-        return [tuple(x) if x is not None else None for x in s] if isinstance(s, list) else None
+        return [tuple(x) if isinstance(x, torch.Size) else None for x in s] if isinstance(
+            s, list) else None
 
     def new_items(self, a: fx.Node) -> Optional[list[Optional[tuple[int, ...]]]]:
         """Shapes of the items of tuple-valued node ``a`` after the plan."""
@@ -574,6 +674,15 @@ class ApplyContext:
         return [None if s is None else tuple(
             n - len(self.dropped(Space.item(a.name, k, d))) for d, n in enumerate(s))
             for k, s in enumerate(items)]
+
+    def new_record(self, a: fx.Node) -> Any:
+        """Node ``a``'s shape record after the plan, shapes as tuples (nested containers
+        included), or None if ``a`` holds no tensor."""
+        s = self._shapes.get(a.name)
+        if isinstance(s, torch.Size):
+            return self.new_shape(a)
+        return map_record(s, lambda path, shape: tuple(
+            n - len(self.dropped(Space.item(a.name, path, d))) for d, n in enumerate(shape)))
 
     def set_arg(self, i: int, name: str, value: Any) -> None:
         """Replace positional argument ``i`` (or keyword ``name``) of the node's call."""

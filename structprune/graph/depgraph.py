@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..diagnostics import strict_enabled
 from ..errors import PlanError, UnsupportedOpError
 from ..rules import (Choice, Couple, CoupleContext, Freeze, Frozen, OpRule, Record, Role,
-                     RuleKey, Space, describe, lookup, registry, tensor_shapes)
+                     RuleKey, Space, describe, lookup, record_leaves, registry, tensor_shapes)
 from .coupling import Solution, SpaceTable, solve
 from .group import Group, build_groups
 from .inputs import capture_guarded, concrete_args
@@ -41,16 +41,12 @@ class FrozenEntry:
 
 
 def _spaces_of(node: fx.Node, shape: Any) -> list[tuple[Space, int]]:
-    """``(space, size)`` of every dim of ``node``'s tensor, or of each tensor item of its tuple."""
+    """``(space, size)`` of every dim of ``node``'s tensor, or of each tensor inside its
+    tuple/list/dict output, at any depth."""
     if isinstance(shape, torch.Size):
         return [(Space.of_node(node, d), n) for d, n in enumerate(shape)]
-    if isinstance(shape, list):
-        out = []
-        for k, s in enumerate(shape):
-            if s is not None:
-                out += [(Space.item(node.name, k, d), n) for d, n in enumerate(s)]
-        return out
-    return []
+    return [(Space.item(node.name, path, d), n) for path, s in record_leaves(shape)
+            for d, n in enumerate(s)]
 
 
 def _mentioned(records: Iterable[Record]) -> set[Space]:

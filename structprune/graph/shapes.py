@@ -1,8 +1,9 @@
 """Shape records: every node's output shape and the non-tensor values sizes are built from.
 
 ``record_shapes`` runs the graph once on the example inputs (on the meta device where it can,
-:class:`ShapeInterpreter`) and keeps every node's output shape and every non-tensor value
-(``x.size(0)``, ``H // 2``) that shape arguments are built from.
+:class:`ShapeInterpreter`) and keeps every node's output shape (nested, for a node that outputs
+tuples, lists or dicts of tensors) and every non-tensor value (``x.size(0)``, ``H // 2``) that
+shape arguments are built from.
 """
 from __future__ import annotations
 
@@ -14,14 +15,22 @@ import torch.fx as fx
 from .. import diagnostics
 from ..errors import TraceError
 from ..modes import eval_mode
+from ..rules import ShapeRecord
 from .fast_paths import _meta_elementwise, _meta_fast_path
 
 
-def _shape_of(v: Any) -> Any:
+def shape_record(v: Any) -> ShapeRecord:
+    """The shape record of a value (:data:`~structprune.rules.ShapeRecord`): its shape for a
+    tensor; for a tuple/list or dict holding tensors at any depth, a list or dict of its items'
+    records (``(out, (edge_index, alpha))`` -> ``[Size, [Size, Size]]``); else None."""
     if isinstance(v, torch.Tensor):
         return v.shape
-    if isinstance(v, (tuple, list)) and v and any(isinstance(x, torch.Tensor) for x in v):
-        return [x.shape if isinstance(x, torch.Tensor) else None for x in v]
+    if isinstance(v, (tuple, list)) and not isinstance(v, torch.Size):
+        items = [shape_record(x) for x in v]
+        return items if any(x is not None for x in items) else None
+    if isinstance(v, dict) and all(type(k) in (int, str) for k in v):
+        record = {k: shape_record(x) for k, x in v.items()}
+        return record if any(x is not None for x in record.values()) else None
     return None
 
 
@@ -118,7 +127,7 @@ class _Recorder(ShapeInterpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         out = super().run_node(n)
-        self.shapes[n.name] = _shape_of(out)
+        self.shapes[n.name] = shape_record(out)
         if not isinstance(out, torch.Tensor) and self.shapes[n.name] is None:
             self.values[n.name] = out
         return out

@@ -601,12 +601,8 @@ class GetItemRule(OpRule):
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         src, index = ctx.node.args[0], ctx.node.args[1]
-        items = ctx.item_shapes(src) if isinstance(src, fx.Node) else None
-        if items is not None:
-            k = ctx.value(index)
-            if isinstance(k, int) and ctx.out_shape is not None:
-                for d in range(len(ctx.out_shape)):
-                    yield Couple(Space.item(src.name, k % len(items), d), ctx.out(d))
+        if isinstance(src, fx.Node) and isinstance(ctx.record(src), (list, dict)):
+            yield from ctx.take_item(src, ctx.value(index))  # a tensor, or a container again
             return
         sx = ctx.shape(src)
         if sx is None or ctx.out_shape is None:
