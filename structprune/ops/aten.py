@@ -135,7 +135,8 @@ extend(SplitRule, *_ops("split.Tensor", "split.sizes", "split_with_sizes.default
 extend(ExpandRule, *_ops("expand.default", "expand_as.default", "broadcast_to.default"))
 extend(RepeatRule, *_ops("repeat.default"))
 extend(FactoryRule, *_ops("zeros.default", "ones.default", "full.default", "new_zeros.default",
-                          "new_ones.default", "new_full.default"))
+                          "new_ones.default", "new_full.default", "new_empty.default",
+                          "empty.memory_format"))
 
 
 def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:

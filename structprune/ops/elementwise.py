@@ -177,7 +177,11 @@ class ReduceRule(OpRule):
             return
         name = op_name(ctx.node.target)
         dim_pos = 2 if name in _NORMS else 1
-        dim = ctx.arg(dim_pos, "dim")
+        schema = getattr(ctx.node.target, "_schema", None)
+        if schema is not None and not any(a.name == "dim" for a in schema.arguments):
+            dim = None  # aten.std.default(x, unbiased): every dim (its 2nd argument is no dim)
+        else:
+            dim = ctx.arg(dim_pos, "dim")
         if name in ("max", "min") and isinstance(dim, fx.Node):  # torch.max(x, y): binary
             yield from broadcast(ctx, ctx.node.all_input_nodes, ctx.node)
             return

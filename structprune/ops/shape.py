@@ -421,15 +421,17 @@ class ShapeQueryRule(OpRule):
         yield from size_value_freezes(ctx, x, deps)
 
 
-_FACTORIES = ("new_zeros", "new_ones", "new_full")
+_FACTORIES = ("new_zeros", "new_ones", "new_full", "new_empty")
 
 
-@register(*_FACTORIES)
+@register(*_FACTORIES, torch.zeros, torch.ones, torch.empty)
 class FactoryRule(OpRule):
-    """``x.new_zeros(*size)``, ``new_ones``, ``new_full(size, value)`` and ATen's ``zeros``,
-    ``ones``, ``full``: a constant the same at every index, so no dim is tied to anything here
-    (what it meets decides) and ``x`` is read only for its dtype; after pruning the size
-    arguments follow the new shape (the zero state of an unrolled RNN, ``zeros(B, hidden)``)."""
+    """``x.new_zeros(*size)``, ``new_ones``, ``new_full(size, value)``, ``new_empty`` and
+    ``zeros``, ``ones``, ``empty``, ``full``: a constant the same at every index (or, for
+    ``empty``, storage the program fills before it reads it: MFConv's per-degree
+    ``index_copy_``), so no dim is tied to anything here (what it meets decides) and ``x`` is
+    read only for its dtype; after pruning the size arguments follow the new shape (the zero
+    state of an unrolled RNN, ``zeros(B, hidden)``)."""
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         yield from touch(ctx, ctx.node)

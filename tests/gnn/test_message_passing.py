@@ -231,3 +231,22 @@ def _c1_widths(model):
     """The output widths of the first GAT layer's linears (``lin``, or ``lin_l``/``lin_r``)."""
     return {p.shape[0] for n, p in model.named_parameters()
             if n.startswith("c1.lin") and n.endswith("weight")}
+
+
+def test_a_graph_mode_layer_norm_is_frozen_with_its_reason():
+    """PyG's LayerNorm in graph mode without a batch divides by ``x.std(unbiased=False)`` over
+    every entry (``aten.std.default(x, False)``, whose second argument is no dim): its channels
+    are frozen with the reason, the convolution before it is not refused."""
+    from torch_geometric.nn import LayerNorm
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = GCNConv(8, 8), LayerNorm(8, mode="graph")
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x, edge_index):
+            return self.head(self.norm(self.conv(x, edge_index)))
+
+    graph_ = sp.trace(randomize_(M()).double().eval(), graph(6, 12))
+    assert any("std mixes the entries" in e.reason for e in graph_.frozen())

@@ -12,7 +12,8 @@ import pytest
 from structprune.graph import depgraph
 from structprune.rules import Frozen, module_rule, registry
 
-from . import test_hand_references, test_hand_references_aten, test_hand_references_scatter
+from . import (test_hand_references, test_hand_references_aten, test_hand_references_recurrent,
+               test_hand_references_scatter)
 
 
 def _calls(module):
@@ -51,7 +52,7 @@ def test_every_rule_has_a_hand_built_reference(monkeypatch):
     monkeypatch.setattr(depgraph.DependencyGraph, "__init__", recording_init)
     ran = 0
     for module in (test_hand_references, test_hand_references_aten,
-                   test_hand_references_scatter):
+                   test_hand_references_scatter, test_hand_references_recurrent):
         for fn, kwargs in _calls(module):
             fn(**kwargs)
             ran += 1

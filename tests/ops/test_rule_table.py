@@ -72,6 +72,31 @@ def _message_passing(s, x):
                            torch.gather(x, 0, src[:3].view(-1, 1).expand(3, x.shape[1])))
 
 
+class Cells(nn.Module):
+    """Linear -> GRU cell -> LSTM cell (the GRU state as both of its states) -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.gru, self.lstm = nn.Linear(6, 8), nn.GRUCell(8, 8), nn.LSTMCell(8, 8)
+        self.post = nn.Linear(8, 3)
+
+    def forward(self, x):
+        a = self.pre(x)
+        h = self.gru(a)
+        h2, c2 = self.lstm(a, (h, h))
+        return self.post(h2 + c2)
+
+
+class AtenCell(Cells):
+    """The GRU cell as ``aten.gru_cell`` on the module's weights (a torch.export graph's op)."""
+
+    def forward(self, x):
+        a, g = self.pre(x), self.gru
+        h = torch.ops.aten.gru_cell.default(a, a.new_zeros(a.shape[0], 8), g.weight_ih,
+                                            g.weight_hh, g.bias_ih, g.bias_hh)
+        return self.post(h)
+
+
 CASES = {
     # elementwise, activations, broadcasting
     "relu_module": (lambda: Seq(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(0.1), nn.Conv2d(8, 2, 1)), img),
@@ -127,6 +152,9 @@ CASES = {
     "expand_repeat": (lambda: Net(lambda s, x: x.mean((2, 3), keepdim=True).expand(-1, -1, 6, 6) + x.repeat(1, 1, 1, 1)), img),
     # message passing: gather onto edges, scatter back onto nodes (ops/scatter.py)
     "gather_scatter_nodes": (lambda: Tokens(_message_passing), lambda: img((7, 6))),
+    # recurrent cells (ops/recurrent.py)
+    "gru_lstm_cells": (Cells, lambda: img((3, 6))),
+    "aten_gru_cell": (AtenCell, lambda: img((3, 6))),
     # attention
     "sdpa_heads": (lambda: Heads(sdpa=True), tok),
     "mha": (lambda: MHANet(), tok),
