@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..rules import ApplyContext, Couple, CoupleContext, OpRule, Record, Space, register
+from ..rules import ApplyContext, Couple, CoupleContext, Freeze, OpRule, Record, Space, register
 
 aten = torch.ops.aten
 
@@ -118,3 +118,29 @@ def _state_spaces(ctx: CoupleContext, hx: Any, lstm: bool) -> list[Space]:
     if items:
         return [Space.item(hx.name, k, len(s) - 1) for k, s in enumerate(items) if s is not None]
     return []
+
+
+@register(*_op("lstm.input"), *_op("gru.input"), *_op("rnn_tanh.input"), *_op("rnn_relu.input"))
+class AtenRNNInputRule(OpRule):
+    """``aten.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+    batch_first)`` and the GRU/RNN twins (a whole ``nn.LSTM`` in a ``torch.export`` graph, e.g.
+    PyG's ``JumpingKnowledge(mode="lstm")``): the input's features are the columns of the first
+    layer's ``w_ih`` in each direction, so they prune with whatever produces them. The hidden
+    units stay whole (stacked layers and directions interleave them; a rule for them is future
+    work), with that reason."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        x, params = ctx.arg(0, "input"), ctx.arg(2, "params")
+        has_biases = bool(ctx.value(ctx.arg(3, "has_biases")))
+        bidirectional = bool(ctx.value(ctx.arg(7, "bidirectional")))
+        sx = ctx.shape(x)
+        if sx is None or not isinstance(params, (list, tuple)):
+            return
+        stride = 4 if has_biases else 2
+        for d in range(2 if bidirectional else 1):
+            if d * stride < len(params) and ctx.shape(params[d * stride]) is not None:
+                yield Couple(ctx.space(x, -1), ctx.space(params[d * stride], 1))
+        why = "the recurrent layer's hidden units are kept whole (its input features prune)"
+        for k, s in enumerate(ctx.item_shapes(ctx.node) or []):
+            if s is not None:
+                yield from (Freeze(ctx.item(k, dim), why) for dim in range(len(s)))

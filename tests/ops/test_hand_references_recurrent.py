@@ -92,3 +92,34 @@ def test_lstm_cell_prunes_both_states():
     assert cell.hidden_size == H // 2 and cell.input_size < 5
     assert cell.weight_ih.shape == (4 * H // 2, cell.input_size)
     assert cell.weight_hh.shape == (4 * H // 2, H // 2)
+
+
+class LSTMOp(nn.Module):
+    """A whole bidirectional ``nn.LSTM`` as ``aten.lstm.input`` (as torch.export writes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin_in = nn.Linear(4, 5)
+        self.lstm = nn.LSTM(5, 3, bidirectional=True, batch_first=True)
+        self.lin_out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        a = self.lin_in(x)
+        h0 = a.new_zeros(2, a.shape[0], 3)
+        out = aten.lstm.input(a, [h0, h0], self.lstm._flat_weights, True, 1, 0.0, False, True,
+                              True)[0]
+        return self.lin_out(out)
+
+
+def test_a_whole_lstm_op_prunes_its_input_features():
+    m = randomize_(LSTMOp()).double().eval()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    pruned = assert_rule(m, x, drop={"lin_in": [1, 3]}, onnx=False)
+    k = keep(5, 1, 3)
+    ref = nn.LSTM(3, 3, bidirectional=True, batch_first=True).double()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            src = getattr(m.lstm, name)
+            p.copy_(src[:, k] if name.startswith("weight_ih") else src)
+    want = m.lin_out(ref(F.linear(x, m.lin_in.weight[k], m.lin_in.bias[k]))[0])
+    torch.testing.assert_close(pruned(x), want)

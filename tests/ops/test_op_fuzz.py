@@ -545,7 +545,7 @@ def test_every_key_is_fuzzed():
 #: factories, indexing): covered by the hand-built references only.
 NOT_FUZZED = [
     "AddmmRule", "AlongDimsRule", "AtenConvTransposeRule", "AtenConvolutionRule",
-    "AtenCellRule", "AtenEmbeddingRule", "AtenPReLURule", "CellRule", "AtenSelectRule", "AtenSliceRule", "CatRule",
+    "AtenCellRule", "AtenEmbeddingRule", "AtenPReLURule", "AtenRNNInputRule", "CellRule", "AtenSelectRule", "AtenSliceRule", "CatRule",
     "ChannelShuffleRule", "ConvRule", "ConvTransposeRule", "EinsumRule", "EmbeddingRule",
     "ExpandRule", "FactoryRule", "FunctionalConvRule", "FunctionalEmbeddingRule",
     "FunctionalLinearRule", "GetAttrRule", "GetItemRule", "LinearRule", "MatmulRule",

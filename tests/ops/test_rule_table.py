@@ -97,6 +97,21 @@ class AtenCell(Cells):
         return self.post(h)
 
 
+class AtenLSTM(nn.Module):
+    """A whole bidirectional LSTM as ``aten.lstm.input``: its input features prune."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.lstm = nn.Linear(6, 8), nn.LSTM(8, 4, bidirectional=True, batch_first=True)
+        self.post = nn.Linear(8, 3)
+
+    def forward(self, x):
+        a = self.pre(x)
+        h0 = a.new_zeros(2, a.shape[0], 4)
+        return self.post(torch.ops.aten.lstm.input(a, [h0, h0], self.lstm._flat_weights, True, 1,
+                                                   0.0, False, True, True)[0])
+
+
 CASES = {
     # elementwise, activations, broadcasting
     "relu_module": (lambda: Seq(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(0.1), nn.Conv2d(8, 2, 1)), img),
@@ -155,6 +170,7 @@ CASES = {
     # recurrent cells (ops/recurrent.py)
     "gru_lstm_cells": (Cells, lambda: img((3, 6))),
     "aten_gru_cell": (AtenCell, lambda: img((3, 6))),
+    "aten_lstm_whole": (AtenLSTM, lambda: img((2, 3, 6))),
     # attention
     "sdpa_heads": (lambda: Heads(sdpa=True), tok),
     "mha": (lambda: MHANet(), tok),
