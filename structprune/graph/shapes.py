@@ -105,6 +105,11 @@ class ShapeInterpreter(fx.Interpreter):
         return self._shortcut_or(super().call_method, target, args, kwargs)
 
     def _shortcut_or(self, call: Any, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.meta and kwargs.get("device") is not None:
+            # A factory with an explicit device (``zeros(n, device=cpu)``) would make a real
+            # tensor among meta ones, and e.g. a CPU ``scatter_add_`` with a meta index leaves
+            # it unchanged without an error: every value on the meta run stays meta.
+            kwargs = {**kwargs, "device": torch.device("meta")}
         fast = _meta_elementwise(target, args, kwargs) if self.meta else None
         return call(target, args, kwargs) if fast is None else fast
 

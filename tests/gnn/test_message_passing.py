@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 pyg = pytest.importorskip("torch_geometric")
-from torch_geometric.nn import (GATConv, GATv2Conv, GCNConv, GINConv, GraphConv, GraphNorm,  # noqa: E402
-                                MessagePassing, SAGEConv, global_add_pool, global_mean_pool)
+from torch_geometric.nn import (GATConv, GATv2Conv, GatedGraphConv, GCNConv, GINConv,  # noqa: E402
+                                GraphConv, GraphNorm, MessagePassing, MFConv, SAGEConv,
+                                global_add_pool, global_mean_pool)
 
 import structprune as sp  # noqa: E402
 from structprune.oracle import masked_output, max_rel_diff, run  # noqa: E402
@@ -63,6 +64,10 @@ CONVS = {
     "GATConv_concat": lambda: _two(GATConv, heads=2),
     "GATConv_mean": lambda: _two(GATConv, heads=2, concat=False),
     "GATv2Conv": lambda: _two(GATv2Conv, heads=2),
+    # per-degree weights: zeros(N, device=...) + scatter_add_ + nonzero; the shape pass must
+    # keep such factories on the meta device, or the degrees come out all zero there
+    "MFConv": lambda: _two(MFConv),
+    "GatedGraphConv": lambda: Two(lambda i, o: GatedGraphConv(16 if i is None else 16, 2)),
 }
 
 
