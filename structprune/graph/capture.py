@@ -41,6 +41,13 @@ def check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected an nn.Module, got {type(model).__name__}")
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if isinstance(t, nn.parameter.UninitializedTensorMixin):
+            path, _, attr = name.rpartition(".")
+            owner = type(model.get_submodule(path)).__name__ if path else type(model).__name__
+            raise ModelError(f"module '{path or '(top level)'}' ({owner}) has an uninitialised "
+                             f"lazy parameter '{attr}' (a size given as -1 or a Lazy* layer): "
+                             f"there is no weight to score or slice yet. Run the model once on "
+                             f"an example input first (model(*example_inputs)), then prune.")
         if t.is_meta:
             raise ModelError(f"parameter '{name}' is on the meta device: there are no weights to "
                              f"score or slice. Materialise the model first (model.to_empty("

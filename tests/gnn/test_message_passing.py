@@ -59,6 +59,10 @@ CONVS = {
     "GCNConv": lambda: _two(GCNConv),
     "SAGEConv_mean": lambda: _two(SAGEConv),
     "SAGEConv_max": lambda: _two(SAGEConv, aggr="max"),
+    # PyG Aggregation modules: several at once (concatenated), learnable softmax / power mean
+    "SAGEConv_multi_aggr": lambda: _two(SAGEConv, aggr=["mean", "max", "std"]),
+    "SAGEConv_softmax_aggr": lambda: _two(SAGEConv, aggr="softmax"),
+    "SAGEConv_powermean_aggr": lambda: _two(SAGEConv, aggr="powermean"),
     "GraphConv": lambda: _two(GraphConv),
     "GINConv": lambda: Two(lambda i, o: GINConv(_mlp(16 if i is None else i, o))),
     "GATConv_concat": lambda: _two(GATConv, heads=2),
@@ -255,3 +259,23 @@ def test_a_graph_mode_layer_norm_is_frozen_with_its_reason():
 
     graph_ = sp.trace(randomize_(M()).double().eval(), graph(6, 12))
     assert any("std mixes the entries" in e.reason for e in graph_.frozen())
+
+
+def test_a_lazy_pyg_linear_is_refused_until_initialised_naming_the_layer():
+    from torch_geometric.nn import Linear as PygLinear
+
+    from structprune.errors import ModelError
+
+    class Lazy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.conv = PygLinear(-1, 16), GCNConv(16, 4)
+
+        def forward(self, x, edge_index):
+            return self.conv(F.relu(self.lin(x)), edge_index)
+
+    model, inputs = Lazy(), tuple(t.float() if t.is_floating_point() else t for t in graph(9, 20))
+    with pytest.raises(ModelError, match=r"module 'lin' \(Linear\) has an uninitialised lazy"):
+        sp.prune(model, inputs, ratio=0.5)
+    model(*inputs)  # initialised: now it prunes
+    assert sp.prune(model, inputs, ratio=0.5).lin.weight.shape[0] == 8
