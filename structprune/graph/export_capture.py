@@ -193,17 +193,34 @@ def _plain_graph(old: fx.Graph) -> fx.Graph:
         if n.op == "output":
             flat = fx.map_arg(n.args[0], lambda a: env[a])
             _check_output_spec(out_spec)
-            graph.output(pytree.tree_unflatten(list(flat), out_spec))
+            graph.output(_plain_containers(pytree.tree_unflatten(list(flat), out_spec)))
             continue
         env[n] = graph.node_copy(n, lambda a: env[a])
     return graph
 
 
+_IMMUTABLE = {fx.immutable_collections.immutable_dict: dict,
+              fx.immutable_collections.immutable_list: list}
+
+
+def _plain_containers(v: Any) -> Any:
+    """fx's immutable dicts and lists (what a GraphModule such as PyG's ``to_hetero`` model
+    returns) as plain ones, at any depth; other values as they are."""
+    if isinstance(v, dict):
+        return {k: _plain_containers(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain_containers(x) for x in v]
+    if type(v) is tuple:
+        return tuple(_plain_containers(x) for x in v)
+    return v
+
+
 def _check_output_spec(spec: Any) -> None:
-    """fx can return tuples, lists, dicts and None; other containers cannot be rebuilt."""
+    """fx can return tuples, lists, dicts and None (fx's immutable dicts and lists become plain
+    ones); other containers cannot be rebuilt."""
     if spec.is_leaf():
         return
-    t = spec.type
+    t = _IMMUTABLE.get(spec.type, spec.type)
     if t not in (tuple, list, dict, type(None)):
         raise TraceError(f"the model returns a {getattr(t, '__name__', t)}, which the exported "
                          f"graph cannot rebuild")

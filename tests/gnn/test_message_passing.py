@@ -279,3 +279,37 @@ def test_a_lazy_pyg_linear_is_refused_until_initialised_naming_the_layer():
         sp.prune(model, inputs, ratio=0.5)
     model(*inputs)  # initialised: now it prunes
     assert sp.prune(model, inputs, ratio=0.5).lin.weight.shape[0] == 8
+
+
+def _hetero_graph(n_paper, n_author, n_edges, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = {"paper": torch.randn(n_paper, 5, generator=g, dtype=torch.float64),
+         "author": torch.randn(n_author, 3, generator=g, dtype=torch.float64)}
+
+    def edges(a, b):
+        return torch.stack([torch.randint(0, a, (n_edges,), generator=g),
+                            torch.randint(0, b, (n_edges,), generator=g)])
+    return x, {("author", "writes", "paper"): edges(n_author, n_paper),
+               ("paper", "rev_writes", "author"): edges(n_paper, n_author)}
+
+
+def test_a_to_hetero_model_prunes_every_edge_type_together():
+    """``to_hetero`` copies a layer per edge type and sums them per node type; the copies'
+    channels are coupled through the sums, and the dict it returns comes back as a dict."""
+    from torch_geometric.nn import to_hetero
+
+    class Homo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = SAGEConv((-1, -1), 16), SAGEConv((-1, -1), 4)
+
+        def forward(self, x, edge_index):
+            return self.c2(F.relu(self.c1(x, edge_index)), edge_index)
+
+    meta = (["paper", "author"], [("author", "writes", "paper"), ("paper", "rev_writes", "author")])
+    model = to_hetero(Homo(), meta, aggr="sum")
+    inputs = _hetero_graph(7, 4, 10, seed=0)
+    model({k: v.float() for k, v in inputs[0].items()}, inputs[1])  # initialise the lazy sizes
+    model = randomize_(model).double().eval()
+    pruned = _check_pruned(model, inputs, [_hetero_graph(13, 9, 30, seed=1)])
+    assert set(pruned(*inputs)) == {"paper", "author"}
