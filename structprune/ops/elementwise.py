@@ -112,6 +112,9 @@ _BINARY = (
     torch.addcmul, torch.addcdiv, torch.fmax, torch.fmin, torch.hypot, torch.atan2,
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "pow_",
     "maximum", "minimum", "where", "lerp", "addcmul", "addcdiv", "masked_fill", "masked_fill_",
+    operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
+    torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne,
+    "gt", "lt", "ge", "le", "eq", "ne",
 )
 
 
@@ -155,7 +158,7 @@ def _reduced_dims(dim: Any, ndim: int) -> Optional[set[int]]:
 
 @register(torch.mean, torch.amax, torch.amin, torch.std, torch.var, torch.prod,
           torch.logsumexp, torch.norm, torch.max, torch.min, torch.argmax, torch.argmin,
-          torch.nanmean, torch.all, torch.any, torch.sum, torch.nansum,
+          torch.nanmean, torch.all, torch.any, torch.sum, torch.nansum, torch.linalg.vector_norm,
           "mean", "amax", "amin", "std", "var", "prod", "logsumexp", "norm", "max", "min",
           "argmax", "argmin", "nanmean", "all", "any", "sum", "nansum")
 class ReduceRule(OpRule):

@@ -195,3 +195,29 @@ def test_a_mean_scatter_is_refused_by_the_onnx_check():
     m, x = f64(MP(fn)), nodes()
     with tempfile.TemporaryDirectory() as d, pytest.raises(ExportError, match="onnxruntime"):
         sp.export_onnx(sp.prune(m, x, ratio=0.5), x, os.path.join(d, "m.onnx"), check=True)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "l2", "l1", "inf", "any"])
+def test_a_reduction_zeros_do_not_change_prunes_the_reduced_dim(reduce):
+    """``sum``, p-norms with p >= 0 and ``any`` over the channels: the pruned network reduces
+    over the kept channels only (``F.normalize``, GAT's logits), and equals the masked one."""
+    def fn(s, h):
+        r = {"sum": lambda: h.sum(-1, keepdim=True),
+             "l2": lambda: torch.linalg.vector_norm(h, 2, dim=-1, keepdim=True),
+             "l1": lambda: torch.norm(h, p=1, dim=-1, keepdim=True),
+             "inf": lambda: torch.linalg.vector_norm(h, float("inf"), dim=-1, keepdim=True),
+             "any": lambda: (h > 0).any(-1, keepdim=True).to(h.dtype)}[reduce]()
+        return h * r
+
+    m, x = f64(MP(fn)), nodes()
+    pruned = assert_rule(m, x, drop={"lin1": [2, 5]}, onnx=reduce not in ("any",))
+    torch.testing.assert_close(pruned(x), sliced(m, x, keep(C, 2, 5), fn))
+
+
+def test_a_mean_over_the_channels_keeps_them():
+    """A mean divides by the count: removing channels would change it, so they stay whole,
+    and the frozen list names the op."""
+    m, x = f64(MP(lambda s, h: h - h.mean(-1, keepdim=True))), nodes()
+    graph = sp.trace(m, x)
+    assert not any("lin1.weight" in str(g) for g in graph.groups())
+    assert any("mean mixes the entries" in e.reason for e in graph.frozen())

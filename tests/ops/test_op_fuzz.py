@@ -258,8 +258,8 @@ def _reduce(key):
     elif name in ("std", "var"):
         out += [S([_R], lambda f, xs, b: f(xs[0], 2, False, True)),
                 S([_R], lambda f, xs, b: f(xs[0], (1, 3), keepdim=True, correction=0))]
-    elif name == "norm":
-        out.append(S([_R], lambda f, xs, b: f(xs[0], 2, (1, 3), True)))
+    elif name in ("norm", "linalg_vector_norm"):
+        out += [S([_R], lambda f, xs, b: f(xs[0], p, (1, 3), True)) for p in (2, 1, float("inf"))]
     else:
         out.append(S([_R], lambda f, xs, b: f(pre(xs[0]), (1, -1), True)))
     if name in ("sum", "mean", "nansum"):
