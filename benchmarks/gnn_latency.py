@@ -12,7 +12,9 @@ Cases (:data:`CASES`), all ``models.get(arch, num_features=1433, num_classes=7)`
   ``sp.prune(model, (x, edge_index), target_macs=0.5)`` (L2 magnitude, the output layer's
   classes are the model output and stay).
 * ``gat_heads``: the GAT pruned with ``head_ratio=0.5, ratio=0.0`` -- the head-pruning switch of
-  the API -- to record whether it prunes GAT heads (see the notes the script writes).
+  the API -- to record whether it prunes GAT heads (see the notes the script writes);
+  ``gat_channels``: half the MACs with ``head_channels=True``, every head kept and the same
+  channels removed inside each.
 
 Each case: train the dense model on the public split (Adam, the papers' learning rates, weight
 decay 5e-4 on every parameter, ``--epochs``), prune, record test accuracy dense / pruned without
@@ -96,6 +98,8 @@ CASES = (
     Case("gat", "gat", {}, lr=0.005, note="8 heads x 8, 1 output head"),
     Case("gat_heads", "gat", {}, {"head_ratio": 0.5, "ratio": 0.0}, lr=0.005,
          note="head_ratio=0.5, ratio=0"),
+    Case("gat_channels", "gat", {}, {"target_macs": 0.5, "head_channels": True}, lr=0.005,
+         note="target_macs=0.5, head_channels=True: 8 heads kept, channels inside each"),
 )
 
 

@@ -328,6 +328,23 @@ def extend(cls: type, *keys: RuleKey) -> None:
         _REGISTRY[k] = rule
 
 
+def aten_ops(*names: str) -> list[Any]:
+    """The ATen overloads ``"relu.default"``, ``"scatter_add_.default"``, ... that exist in
+    this torch build (registry keys for the ops of ``torch.export`` graphs)."""
+    out = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
+        if op is not None:
+            out.append(op)
+    return out
+
+
+def node_arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """Positional argument ``i`` or keyword ``name`` of an fx node's call."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
 def op_name(target: Any) -> str:
     """The bare name of an op: ``"view"`` for the method ``"view"``, ``torch.Tensor.view``'s
     functional twins and ``torch.ops.aten.view.default``; ``__name__`` for other callables."""

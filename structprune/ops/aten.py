@@ -19,8 +19,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..rules import (Couple, CoupleContext, Freeze, OpRule, Record, Role, Space, extend, op_name,
-                     register)
+from ..rules import (Couple, CoupleContext, Freeze, OpRule, Record, Role, Space, aten_ops, extend,
+                     node_arg, op_name, register)
 from .attention import SDPARule
 from .conv import FunctionalConvRule, _conv_macs, conv_couplings
 from .elementwise import BroadcastRule, ReduceRule, SoftmaxRule, TypeAsRule, UnaryRule
@@ -35,15 +35,7 @@ from .shape import (CatRule, ExpandRule, FactoryRule, PermuteRule, RepeatRule, R
 aten = torch.ops.aten
 
 
-def _ops(*names: str) -> list[Any]:
-    """The overloads ``"relu.default"``, ... that exist in this torch build."""
-    out = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        op = getattr(getattr(aten, packet, None), overload or "default", None)
-        if op is not None:
-            out.append(op)
-    return out
+_ops = aten_ops
 
 
 # --- element-wise --------------------------------------------------------------------------------
@@ -139,8 +131,7 @@ extend(FactoryRule, *_ops("zeros.default", "ones.default", "full.default", "new_
                           "empty.memory_format"))
 
 
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+_arg = node_arg
 
 
 # --- new rules -----------------------------------------------------------------------------------

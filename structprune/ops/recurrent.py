@@ -13,25 +13,18 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 import numpy as np
-import torch
 import torch.nn as nn
 
-from ..rules import ApplyContext, Couple, CoupleContext, Freeze, OpRule, Record, Space, register
+from ..rules import (ApplyContext, Couple, CoupleContext, Freeze, OpRule, Record, Space, aten_ops,
+                     register)
 
-aten = torch.ops.aten
 
 _GATES = {nn.RNNCell: 1, nn.GRUCell: 3, nn.LSTMCell: 4}
 
 
-def _op(name: str) -> list[Any]:
-    packet, _, overload = name.partition(".")
-    op = getattr(getattr(aten, packet, None), overload or "default", None)
-    return [op] if op is not None else []
-
-
 _OP_GATES = {op: g for name, g in (("rnn_tanh_cell.default", 1), ("rnn_relu_cell.default", 1),
                                    ("gru_cell.default", 3), ("lstm_cell.default", 4))
-             for op in _op(name)}
+             for op in aten_ops(name)}
 
 
 def cell_couplings(ctx: CoupleContext, x: Any, states: list[Space], outs: list[Space],
@@ -120,7 +113,7 @@ def _state_spaces(ctx: CoupleContext, hx: Any, lstm: bool) -> list[Space]:
     return []
 
 
-@register(*_op("lstm.input"), *_op("gru.input"), *_op("rnn_tanh.input"), *_op("rnn_relu.input"))
+@register(*aten_ops("lstm.input", "gru.input", "rnn_tanh.input", "rnn_relu.input"))
 class AtenRNNInputRule(OpRule):
     """``aten.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
     batch_first)`` and the GRU/RNN twins (a whole ``nn.LSTM`` in a ``torch.export`` graph, e.g.

@@ -25,23 +25,9 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.fx as fx
 
-from ..rules import Couple, CoupleContext, Freeze, OpRule, Record, op_name, register
+from ..rules import Couple, CoupleContext, OpRule, Record, aten_ops, node_arg, op_name, register
 
-aten = torch.ops.aten
-
-
-def _ops(*names: str) -> list[Any]:
-    out = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        op = getattr(getattr(aten, packet, None), overload or "default", None)
-        if op is not None:
-            out.append(op)
-    return out
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+_ops, _arg = aten_ops, node_arg
 
 
 def _self(ctx: CoupleContext) -> Any:
