@@ -62,16 +62,32 @@ def _axes(names: list[str], args: tuple, dynamic_batch: bool,
         return {n: {0: "batch"} for n, a in tensors if a.shape[0] == batch}
     out = {}
     for key, dims in dynamic_axes.items():
-        name = names[key] if isinstance(key, int) and 0 <= key < len(names) else key
+        name = f"input_{key}" if isinstance(key, int) else key  # by the input's position
         if name not in names:
-            raise ExportError(f"dynamic_axes names input {key!r}, but the inputs are "
-                              f"{', '.join(names)} (or their positions 0..{len(names) - 1})")
+            raise ExportError(f"dynamic_axes names input {key!r}, but the file's inputs are "
+                              f"{', '.join(names)} (or their positions)")
         a = args[names.index(name)]
         bad = [d for d in dims if not isinstance(a, torch.Tensor) or not 0 <= d < a.dim()]
         if bad:
             raise ExportError(f"dynamic_axes: input {name} has no dim {bad[0]}")
         out[name] = {int(d): str(v) for d, v in dims.items()}
     return out
+
+
+class _Baked(nn.Module):
+    """``model`` with the inputs at ``positions`` fixed to buffers: it takes the others."""
+
+    def __init__(self, model: nn.Module, args: tuple, positions: list[int]) -> None:
+        super().__init__()
+        self.model, self.positions, self.n = model, positions, len(args)
+        for k in positions:
+            self.register_buffer(f"input_{k}", args[k])
+
+    def forward(self, *rest: Any) -> Any:
+        it = iter(rest)
+        args = [getattr(self, f"input_{k}") if k in self.positions else next(it)
+                for k in range(self.n)]
+        return self.model(*args)
 
 
 def captured_axes(model: nn.Module, names: list[str]) -> Optional[dict[str, dict[int, str]]]:
@@ -125,7 +141,8 @@ def _export(model: nn.Module, args: tuple, path: str, exporter: str,
 def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, check: bool = True,
                 exporter: Exporter = "auto", dynamic_batch: bool = True, rtol: float = 1e-3,
                 atol: float = 1e-4, dynamic_axes: Optional[AxesSpec] = None,
-                check_inputs: Sequence[ExampleInputs] = ()) -> ExportResult:
+                check_inputs: Sequence[ExampleInputs] = (),
+                constant_inputs: Sequence[int] = ()) -> ExportResult:
     """Export ``model`` to ``path``; with ``check``, verify it with onnx and onnxruntime.
 
     Inputs are named ``input_0``, ``input_1``, ... With ``dynamic_batch`` dim 0 is a symbolic
@@ -134,7 +151,10 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, chec
     (inputs it leaves out keep static shapes). A model captured by ``torch.export`` (graph
     neural networks, models fx cannot trace) gets the sizes its capture left open instead of
     ``batch``: any graph size, any batch. ``check_inputs`` are more inputs (of other sizes) to
-    compare torch and onnxruntime on.
+    compare torch and onnxruntime on. ``constant_inputs`` are positions of inputs to bake into
+    the file as constants (a GNN's fixed graph: ``constant_inputs=[1]`` keeps ``edge_index``
+    inside, and the file takes only ``x``); the other inputs keep their names ``input_<i>``,
+    and ``check_inputs`` still list every input (the baked ones are skipped).
 
     The model is exported in float32 (a copy; the model is not changed) because onnxruntime's CPU
     kernels are float32. Raises :class:`ExportError` naming the exporter(s) and the failure.
@@ -148,6 +168,18 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, chec
     args = _float32(args)
     names = [f"input_{i}" for i in range(len(args))]
     captured = captured_axes(model, names)
+    baked = sorted({int(k) for k in constant_inputs})
+    if baked:
+        if any(not 0 <= k < len(args) or not isinstance(args[k], torch.Tensor) for k in baked):
+            raise ExportError(f"constant_inputs {list(constant_inputs)}: the inputs are tensors "
+                              f"at positions 0..{len(args) - 1}; name the ones to bake")
+        m = _Baked(m, args, baked)
+        keep = [k for k in range(len(args)) if k not in baked]
+        if captured:
+            captured = {n: d for n, d in captured.items() if int(n.rpartition("_")[2]) in keep}
+        names, args = [names[k] for k in keep], tuple(args[k] for k in keep)
+        check_inputs = [tuple(a for k, a in enumerate(normalize_inputs(c)[0]) if k in keep)
+                        for c in check_inputs]
     axes = _axes(names, args, dynamic_batch, dynamic_axes, captured)
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     if exporter == "auto" and captured:  # TorchScript would bake sizes computed from data

@@ -313,3 +313,23 @@ def test_a_to_hetero_model_prunes_every_edge_type_together():
     model = randomize_(model).double().eval()
     pruned = _check_pruned(model, inputs, [_hetero_graph(13, 9, 30, seed=1)])
     assert set(pruned(*inputs)) == {"paper", "author"}
+
+
+def test_message_norm_scales_messages_per_node_and_prunes():
+    """PyG's MessageNorm: ``msg / ||msg|| * ||x|| * s`` per node, a norm over the channels
+    (zeros add nothing to it), so both inputs' channels prune together."""
+    from torch_geometric.nn import MessageNorm
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.conv = nn.Linear(8, 16), GCNConv(8, 16)
+            self.norm, self.head = MessageNorm(learn_scale=True), nn.Linear(16, 3)
+
+        def forward(self, x, edge_index):
+            return self.head(F.relu(self.norm(self.lin(x), self.conv(x, edge_index))))
+
+    torch.manual_seed(0)
+    model = randomize_(M()).double().eval()
+    pruned = _check_pruned(model, graph(10, 30), [graph(17, 40, seed=2)])
+    assert pruned.lin.weight.shape[0] == 8

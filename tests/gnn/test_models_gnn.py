@@ -62,3 +62,25 @@ def test_a_captured_graph_module_exports_as_it_is():
         res = sp.export_onnx(gm, x, os.path.join(d, "m.onnx"), check_inputs=[
             inputs("gat", 1, torch.float32, num_nodes=40)])
     assert res.exporter == "dynamo"
+
+
+def test_a_gnn_exports_with_its_graph_baked_in():
+    """``constant_inputs=[1]``: the file holds ``edge_index`` and takes only the features;
+    onnxruntime matches torch on new features for the same graph."""
+    import onnx
+
+    from structprune.export.onnx import ExportError
+
+    torch.manual_seed(0)
+    model = models.get("gcn").eval()
+    x, edge_index = inputs("gcn", 0, torch.float32, num_nodes=14)
+    pruned = sp.prune(model, (x, edge_index), ratio=0.5)
+    x2 = torch.randn_like(x)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.onnx")
+        res = sp.export_onnx(pruned, (x, edge_index), path, constant_inputs=[1],
+                             check_inputs=[(x2, edge_index)])
+        names = [i.name for i in onnx.load(path).graph.input]
+    assert names == ["input_0"] and res.max_abs_diff < 1e-4
+    with pytest.raises(ExportError, match="constant_inputs"):
+        sp.export_onnx(pruned, (x, edge_index), "unused.onnx", constant_inputs=[2])

@@ -166,8 +166,23 @@ def test_edge_softmax_per_head_and_a_sum_over_channels():
     m = MP(fn)
     m.att = nn.Parameter(torch.randn(1, H, D))
     m, x = f64(m), nodes()
-    pruned = assert_rule(m, x, drop={"lin1": [1]})  # a whole head (or one channel per head)
-    assert pruned.lin1.weight.shape[0] in (D, C - H)
+    pruned = assert_rule(m, x, drop={"lin1": [1]})  # channel 1 is in head 0: the whole head
+    assert pruned.lin1.weight.shape[0] == D
+    heads = [1]  # by hand: the kept head attends with a softmax over each node's in-edges
+
+    def by_hand(s, h):  # h: [N, D] of the kept head
+        att = m.att[0, heads[0]]
+        out = torch.zeros(N, D, dtype=h.dtype)
+        for v in range(N):
+            inc = [e for e in range(E) if DST[e] == v]
+            if not inc:
+                continue
+            logits = torch.stack([(h[SRC[e]] * att).sum() for e in inc])
+            w = torch.softmax(logits, 0)
+            out[v] = sum(w[i] * h[SRC[e]] for i, e in enumerate(inc))
+        return out
+
+    torch.testing.assert_close(pruned(x), sliced(m, x, torch.arange(D, 2 * D), by_hand))
 
 
 def test_a_narrow_scatter_index_freezes_the_channels():
