@@ -185,22 +185,26 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, chec
     if exporter == "auto" and captured:  # TorchScript would bake sizes computed from data
         order.reverse()
     errors = []
-    used = None
     for ex in order:
         try:
             _export(m, args, path, ex, axes, names)
-            used = ex
-            break
         except Exception as exc:  # exporters raise many types
             errors.append(f"{ex}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-    if used is None:
-        raise ExportError("ONNX export failed with " + "; ".join(errors))
-    diff = None
-    if check:
-        diff = _check(m, args, path, rtol, atol, used)
-        for other in check_inputs:
-            more = _float32(normalize_inputs(other)[0])
-            diff = max(diff, _check(m, more, path, rtol, atol, used))
+            continue
+        if not check:
+            return ExportResult(path, ex, None)
+        try:  # a file onnxruntime computes differently: the next exporter may do better
+            diff = _check(m, args, path, rtol, atol, ex)
+            for other in check_inputs:
+                more = _float32(normalize_inputs(other)[0])
+                diff = max(diff, _check(m, more, path, rtol, atol, ex))
+        except ExportError as exc:
+            errors.append(str(exc))
+            continue
+        return ExportResult(path, ex, diff)
+    if len(errors) == 1 and errors[0].startswith(("output", "onnxruntime")):
+        raise ExportError(errors[0])
+    raise ExportError("ONNX export failed with " + "; ".join(errors))
     return ExportResult(path, used, diff)
 
 

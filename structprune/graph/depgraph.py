@@ -303,7 +303,9 @@ class DependencyGraph:
                     self.roles.setdefault(Space.param(src, r.space.dim), r.role)
             else:
                 recs.append(r)
-                if isinstance(r, Freeze) and r.reason:
+                # A model input is frozen anyway: a reason that freezes only one of its dims (a
+                # shape guard reading x.shape) explains nothing and is not listed.
+                if isinstance(r, Freeze) and r.reason and not r.space.is_input:
                     entry = FrozenEntry(n.name, describe(n), r.reason)
                     if entry not in self._frozen:
                         self._frozen.append(entry)

@@ -29,8 +29,8 @@ from .norm import (FunctionalGroupNormRule, LayerNormRule, functional_stats, red
                    stat_couplings)
 from .pool import (ChannelShuffleRule, InterpolateRule, PadRule, PixelShuffleRule, Pool1dRule,
                    Pool2dRule, Pool3dRule)
-from .shape import (CatRule, ExpandRule, FactoryRule, PermuteRule, RepeatRule, ReshapeRule,
-                    ShapeQueryRule, SplitRule, StackRule)
+from .shape import (ArangeRule, CatRule, ExpandRule, FactoryRule, PermuteRule, RepeatRule,
+                    ReshapeRule, ShapeQueryRule, SplitRule, StackRule)
 
 aten = torch.ops.aten
 
@@ -126,6 +126,7 @@ extend(SplitRule, *_ops("split.Tensor", "split.sizes", "split_with_sizes.default
                         "tensor_split.indices"))
 extend(ExpandRule, *_ops("expand.default", "expand_as.default", "broadcast_to.default"))
 extend(RepeatRule, *_ops("repeat.default"))
+extend(ArangeRule, *_ops("arange.default", "arange.start", "arange.start_step"))
 extend(FactoryRule, *_ops("zeros.default", "ones.default", "full.default", "new_zeros.default",
                           "new_ones.default", "new_full.default", "new_empty.default",
                           "empty.memory_format"))

@@ -471,6 +471,15 @@ class FactoryRule(OpRule):
             raise NotImplementedError("full() with sizes that are not one sequence")
 
 
+@register(torch.arange)
+class ArangeRule(OpRule):
+    """``arange(n)``: its values are its positions (node ids, ``edge_index`` of self-loops), so
+    its dim stays whole; frozen with that reason rather than as an op without a rule."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        yield from ctx.freeze(ctx.node, "arange's values are its positions: they stay whole")
+
+
 @register(torch.cat, torch.concat, torch.concatenate)
 class CatRule(OpRule):
     """``torch.cat(xs, dim)``: input i's index k is output index ``offset_i + k``."""

@@ -236,3 +236,25 @@ def test_a_mean_over_the_channels_keeps_them():
     graph = sp.trace(m, x)
     assert not any("lin1.weight" in str(g) for g in graph.groups())
     assert any("mean mixes the entries" in e.reason for e in graph.frozen())
+
+
+def test_self_loops_from_arange_add_each_node_to_itself():
+    """GCN-style self-loops: ``arange(N)`` appended to both ends of the edge list; the loop
+    positions stay whole (frozen with the reason), the channels prune."""
+    def fn(s, h):
+        loops = torch.arange(h.shape[0])
+        src, dst = torch.cat([s.src, loops]), torch.cat([s.dst, loops])
+        msg = h.index_select(0, src)
+        return h.new_zeros(h.shape).index_add_(0, dst, msg)
+
+    m, x = f64(MP(fn)), nodes()
+    pruned = assert_rule(m, x, drop={"lin1": [0, 7]})
+    assert any("arange's values are its positions" in e.reason for e in sp.trace(m, x).frozen())
+
+    def by_hand(s, h):
+        out = h.clone()
+        for e in range(E):
+            out[DST[e]] += h[SRC[e]]
+        return out
+
+    torch.testing.assert_close(pruned(x), sliced(m, x, keep(C, 0, 7), by_hand))

@@ -544,7 +544,7 @@ def test_every_key_is_fuzzed():
 #: Rule classes whose keys have no fuzz family yet (shape ops, conv/linear/matmul, shuffles,
 #: factories, indexing): covered by the hand-built references only.
 NOT_FUZZED = [
-    "AddmmRule", "AlongDimsRule", "AtenConvTransposeRule", "AtenConvolutionRule",
+    "AddmmRule", "AlongDimsRule", "ArangeRule", "AtenConvTransposeRule", "AtenConvolutionRule",
     "AtenCellRule", "AtenEmbeddingRule", "AtenPReLURule", "AtenRNNInputRule", "CellRule", "AtenSelectRule", "AtenSliceRule", "CatRule",
     "ChannelShuffleRule", "ConvRule", "ConvTransposeRule", "EinsumRule", "EmbeddingRule",
     "ExpandRule", "FactoryRule", "FunctionalConvRule", "FunctionalEmbeddingRule",

@@ -66,7 +66,7 @@ def _message_passing(s, x):
     idx = dst.view(-1, 1).expand_as(msg)
     out = x.new_zeros(x.shape).scatter_add_(0, idx, msg)
     out = out + torch.scatter_reduce(torch.zeros_like(x), 0, idx, msg, "amax")
-    out = out + torch.ops.aten.index.Tensor(out, [torch.tensor([6, 5, 4, 3, 2, 1, 0])])
+    out = out + torch.ops.aten.index.Tensor(out, [6 - torch.arange(x.shape[0])])
     # unique rows: torch's TorchScript ONNX exporter overwrites repeated index_add rows
     return torch.index_add(out, 0, torch.tensor([2, 0, 1]),
                            torch.gather(x, 0, src[:3].view(-1, 1).expand(3, x.shape[1])))
