@@ -14,3 +14,4 @@ from . import importance as importance, allocate as allocate
 from .io import load as load, save as save
 from .export.onnx import export_onnx as export_onnx
 from .report import Report as Report, report as report
+from . import gnn as gnn  # sp.gnn.find_ticket (graph lottery tickets; imports torch_geometric lazily)

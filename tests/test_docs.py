@@ -8,7 +8,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 DESIGN = open(os.path.join(ROOT, "docs", "design.md")).read()
 BUILT, _, PLANS = DESIGN.partition("## Plans (not built yet)")
 
-UNBUILT = ["sp.gnn", "sp.sparse", "synflow", "structprune demo", "ops/pyg.py", "isomorphic"]
+UNBUILT = ["sp.sparse", "synflow", "structprune demo", "ops/pyg.py", "isomorphic"]
 
 
 def test_unbuilt_features_are_named_only_under_plans():

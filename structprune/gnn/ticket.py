@@ -1,0 +1,320 @@
+"""Unified graph lottery tickets (UGS): Chen, Sui, Chen, Zhang, Wang, "A Unified Lottery Ticket
+Hypothesis for Graph Neural Networks" (ICML 2021), faithful to the official node-classification
+code (VITA-Group/Unified-LTH-GNN ``NodeClassification/main_pruning_imp.py``, ``pruning.py``) as
+``../shared/ALGORITHMS.md`` §2 specifies it, on sparse edge lists (no N x N adjacency).
+
+Per round (``rounds`` of them):
+
+1. *Find masks*: reload θ0 (the model's weights on entry) and the binary masks; soft masks
+   ``m = M ⊙ (1 + U(-1e-5, 1e-5))`` on every directed edge and every prunable weight (re-drawn
+   each round, seeded); ``epochs`` steps of one Adam over the weights *and* both masks (same lr,
+   weight decay on the masks too), each step adding the L1 subgradients ``s1·sign(m_g)`` and
+   ``s2·sign(m_θ)`` to the gradients after ``backward()``; at every new best validation accuracy
+   the masks are snapshotted. From that snapshot, ``int(n·graph_rate) + 1`` of the ``n`` still
+   kept edges with the smallest ``|m_g|`` are pruned, and ``int(n·weight_rate) + 1`` of the kept
+   weights with the smallest ``|m_θ|``, ranked globally over all masked parameters.
+2. *Train the ticket*: reload θ0 (rewinding), train ``epochs`` steps with the masks fixed; the
+   round reports the test accuracy at the best validation epoch (single seed, as the official).
+
+Deviations, all documented: the edge mask reaches the model by ``edge_route`` (see
+:mod:`structprune.gnn.masks`; ``"edge_weight"`` is exact for ``models/gnn_ugs.py``); stage 2
+trains on the graph with the pruned edges physically removed, which equals the official binary
+mask for sum aggregations with edge-weighted normalisation (UGS's GCN, GCNConv) and is the
+"clean" semantics for mean / softmax aggregations (the official GIN keeps a masked edge in its
+mean's denominator, the official GAT gives it logit 0); ties at the pruning threshold are broken
+by position, so every round prunes exactly ``int(n·rate) + 1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ModelError
+from . import masks as _masks
+
+
+@dataclass
+class Ticket:
+    """The result of :func:`find_ticket`.
+
+    Attributes:
+        model: the ticket network after the last round's fixed-mask training, at its best
+            validation epoch, pruned weights set to zero, in eval mode.
+        data: a copy of the graph with the pruned edges removed from ``edge_index`` (and every
+            per-edge attribute sliced alike); ``model(data.x, data.edge_index)`` reproduces
+            ``history[-1]["test_acc"]``.
+        edge_mask: bool, one entry per column of the original ``data.edge_index`` (True = kept).
+        weight_masks: ``{parameter name: bool tensor}`` (True = kept).
+        history: one dict per round: ``round``, ``graph_sparsity`` and ``weight_sparsity``
+            (fractions pruned), ``edges_kept``, ``weights_kept``, ``val_acc`` and ``test_acc``
+            (fractions, test at the best validation epoch), ``macs`` (of ``model`` on ``data``,
+            see :func:`structprune.gnn.masks.count_macs`), ``seconds``.
+        init_state: θ0, the weights every round rewinds to (apply ``weight_masks`` to retrain).
+    """
+
+    model: nn.Module
+    data: Any
+    edge_mask: Tensor
+    weight_masks: dict[str, Tensor]
+    history: list[dict] = field(default_factory=list)
+    init_state: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _check(data: Any, rounds: int, graph_rate: float, weight_rate: float, epochs: int) -> None:
+    for key in ("x", "edge_index", "y", "train_mask", "val_mask", "test_mask"):
+        if getattr(data, key, None) is None:
+            raise ValueError(
+                f"find_ticket: data has no {key!r}; pass a torch_geometric Data with x, edge_index, "
+                f"y and boolean train_mask / val_mask / test_mask (node classification)"
+            )
+    ei = data.edge_index
+    if ei.dim() != 2 or ei.size(0) != 2:
+        raise ValueError(f"find_ticket: data.edge_index must have shape (2, E), got {tuple(ei.shape)}")
+    for name, rate in (("graph_rate", graph_rate), ("weight_rate", weight_rate)):
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"find_ticket: {name} must lie in (0, 1) (a fraction pruned per round), got {rate}")
+    if rounds < 1 or epochs < 1:
+        raise ValueError(f"find_ticket: rounds and epochs must be >= 1, got rounds={rounds}, epochs={epochs}")
+
+
+def _accuracy(out: Tensor, y: Tensor, mask: Tensor) -> float:
+    return float((out[mask].argmax(-1) == y[mask]).float().mean())
+
+
+def _bar(total: int, desc: str, enabled: bool, leave: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=leave, dynamic_ncols=True)
+
+
+def prune_edges(data: Any, edge_mask: Tensor) -> Any:
+    """A copy of ``data`` without the edges where ``edge_mask`` is False (``edge_index`` and every
+    per-edge attribute sliced; nodes kept as they are)."""
+    return data.edge_subgraph(edge_mask)
+
+
+def train_ticket(
+    model: nn.Module,
+    data: Any,
+    edge_mask: Tensor,
+    weight_masks: dict[str, Tensor],
+    init_state: dict[str, Tensor] | None = None,
+    epochs: int = 200,
+    lr: float = 0.008,
+    weight_decay: float = 8e-5,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[float, float, dict[str, Tensor]]:
+    """UGS's fixed-mask stage (``run_fix_mask``): rewind ``model`` to ``init_state`` (if given),
+    train ``epochs`` full-batch Adam steps on the graph without the pruned edges and with the
+    pruned weights held at zero, and return ``(val_acc, test_acc, state)`` at the best validation
+    epoch (``state``: the weights then, pruned ones zeroed). Also the dense and random baselines."""
+    torch.manual_seed(seed)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    pruned = prune_edges(data, edge_mask)
+    x, ei, y = pruned.x, pruned.edge_index, pruned.y
+    named = dict(model.named_parameters())
+    fixed = {n: m.to(named[n].dtype) for n, m in weight_masks.items()}
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    best_val, best_test, best_state = -1.0, 0.0, None
+    bar = _bar(epochs, "  ticket", progress, leave=False)
+    for _ in range(epochs):
+        model.train()
+        opt.zero_grad()
+        params = {n: named[n] * m for n, m in fixed.items()}
+        out = _masks.forward(model, x, ei, "edge_weight", None, params)
+        F.cross_entropy(out[pruned.train_mask], y[pruned.train_mask]).backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            out = _masks.forward(model, x, ei, "edge_weight", None, {n: named[n] * m for n, m in fixed.items()})
+        val = _accuracy(out, y, pruned.val_mask)
+        if val > best_val:
+            best_val, best_test = val, _accuracy(out, y, pruned.test_mask)
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        bar.update()
+    bar.close()
+    for n, m in fixed.items():
+        best_state[n] = best_state[n] * m
+    return best_val, best_test, best_state
+
+
+def find_ticket(
+    model: nn.Module,
+    data: Any,
+    rounds: int = 20,
+    graph_rate: float = 0.05,
+    weight_rate: float = 0.2,
+    epochs: int = 200,
+    lr: float = 0.008,
+    weight_decay: float = 8e-5,
+    s1: float = 1e-2,
+    s2: float = 1e-2,
+    seed: int = 0,
+    progress: bool = True,
+    edge_route: str = "auto",
+    weights: list[str] | None = None,
+    noise: float = 1e-5,
+) -> Ticket:
+    """Find a unified graph lottery ticket (UGS, ALGORITHMS.md §2.3) for node classification.
+
+    Args:
+        model: a GNN called as ``model(x, edge_index)`` returning per-node class logits. Its
+            weights on entry are θ0, the rewinding point; it is left at θ0 on return.
+        data: a PyG ``Data`` with ``x``, ``edge_index``, ``y`` and ``train_mask`` / ``val_mask``
+            / ``test_mask``. Every column of ``edge_index`` is one directed edge with its own mask
+            entry, as UGS masks each directed adjacency entry (give both directions for an
+            undirected graph).
+        rounds: pruning rounds; after ``k`` rounds ``n_k = n_{k-1} - int(n_{k-1}·rate) - 1``
+            entries remain (≈ 0.95^k of the edges and 0.8^k of the weights at the defaults).
+        graph_rate, weight_rate: fraction of the still kept edges / weights pruned per round.
+        epochs: steps of each stage (mask search, then fixed-mask training).
+        lr, weight_decay: Adam's, for weights and masks alike. Defaults: GCN on Cora (§2.6:
+            lr 0.008, wd 8e-5; CiteSeer and PubMed use 0.01, 5e-4).
+        s1, s2: L1 subgradient scales on the edge mask and the weight masks (§2.6: 1e-2 for GCN
+            on Cora and CiteSeer, 1e-6 / 1e-3 on PubMed).
+        seed: seeds the mask noise and dropout; re-applied at the start of every stage, as the
+            official ``setup_seed``. (The official seeds are cora 2377, citeseer 4428, pubmed 3333.)
+        progress: tqdm bars over rounds and epochs.
+        edge_route: how the edge mask reaches the model: ``"edge_weight"`` (passed as
+            ``edge_weight=``; faithful for ``models/gnn_ugs.py``), ``"explain"`` (PyG's explain
+            hooks multiply every MessagePassing layer's messages) or ``"auto"`` (``edge_weight``
+            when ``model.forward`` takes it). See :mod:`structprune.gnn.masks` for how each
+            treats normalisation and self-loops (self-loops a layer adds are never masked).
+        weights: names of the parameters to mask; default every parameter with >= 2 dims.
+        noise: the soft masks start at ``M ⊙ (1 + U(-noise, noise))`` (official ``all_one``).
+
+    Returns:
+        a :class:`Ticket`.
+
+    Raises:
+        ValueError: ``data`` lacks a needed attribute, a rate is outside (0, 1), or
+            rounds / epochs < 1.
+        ModelError: the edge mask cannot reach the model by ``edge_route``, or does not change
+            its output, or ``weights`` names no parameter of the model.
+    """
+    _check(data, rounds, graph_rate, weight_rate, epochs)
+    route = _masks.resolve_route(model, edge_route)
+    names = _masks.weight_names(model, weights)
+    named = dict(model.named_parameters())
+    x, ei, y = data.x, data.edge_index, data.y
+    num_edges = ei.size(1)
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _check_mask_reaches(model, x, ei, route, dtype)
+
+    alive_g = torch.ones(num_edges, dtype=torch.bool, device=ei.device)
+    alive_w = {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}
+    total_w = sum(m.numel() for m in alive_w.values())
+    history: list[dict] = []
+    state = theta0
+    outer = _bar(rounds, "UGS rounds", progress)
+    for r in range(1, rounds + 1):
+        start = time.perf_counter()
+        m_g, m_w = _search_masks(model, data, route, theta0, alive_g, alive_w, epochs, lr, weight_decay,
+                                 s1, s2, seed, noise, dtype, progress)
+        alive_g = _masks.prune_lowest(m_g, alive_g, graph_rate)
+        flat = _masks.prune_lowest(torch.cat([m_w[n].flatten() for n in names]),
+                                   torch.cat([alive_w[n].flatten() for n in names]), weight_rate)
+        alive_w = dict(zip(names, (f.view_as(alive_w[n]) for n, f in zip(names, flat.split(
+            [alive_w[n].numel() for n in names])))))
+        val, test, state = train_ticket(model, data, alive_g, alive_w, theta0, epochs, lr, weight_decay, seed,
+                                        progress)
+        model.load_state_dict(state)
+        kept_w = int(sum(int(m.sum()) for m in alive_w.values()))
+        kept_g = int(alive_g.sum())
+        history.append({
+            "round": r,
+            "graph_sparsity": 1.0 - kept_g / num_edges,
+            "weight_sparsity": 1.0 - kept_w / total_w,
+            "edges_kept": kept_g,
+            "weights_kept": kept_w,
+            "val_acc": val,
+            "test_acc": test,
+            "macs": _masks.count_macs(model, x, ei[:, alive_g]),
+            "seconds": time.perf_counter() - start,
+        })
+        outer.set_postfix(test=f"{test:.3f}", graph=f"{history[-1]['graph_sparsity']:.3f}",
+                          weights=f"{history[-1]['weight_sparsity']:.3f}")
+        outer.update()
+    outer.close()
+
+    ticket_model = copy.deepcopy(model)
+    ticket_model.load_state_dict(state)
+    ticket_model.eval()
+    model.load_state_dict(theta0)
+    return Ticket(ticket_model, prune_edges(data, alive_g), alive_g, alive_w, history, theta0)
+
+
+def _check_mask_reaches(model: nn.Module, x: Tensor, ei: Tensor, route: str, dtype) -> None:
+    """Refuse a model whose output does not depend on the edge mask passed by ``route``."""
+    mask = torch.ones(ei.size(1), dtype=dtype, device=ei.device, requires_grad=True)
+    was = model.training
+    model.eval()
+    try:
+        out = _masks.forward(model, x, ei, route, mask)
+        (grad,) = torch.autograd.grad(out.float().square().sum(), mask, allow_unused=True)
+    finally:
+        model.train(was)
+    if ei.size(1) and (grad is None or not bool(grad.abs().sum() > 0)):
+        how = ("it takes edge_weight but its output does not depend on it: pass edge_weight on to "
+               "the convolutions, or use edge_route='explain'" if route == "edge_weight" else
+               "PyG's explain hooks did not reach its messages: give it an edge_weight argument "
+               "(edge_route='edge_weight')")
+        raise ModelError(f"find_ticket(edge_route={route!r}): the edge mask does not reach {type(model).__name__}; "
+                         f"{how}")
+
+
+def _search_masks(model, data, route, theta0, alive_g, alive_w, epochs, lr, weight_decay, s1, s2, seed,
+                  noise, dtype, progress) -> tuple[Tensor, dict[str, Tensor]]:
+    """UGS's mask stage (``run_get_mask``): returns the soft masks at the best validation epoch."""
+    torch.manual_seed(seed)
+    model.load_state_dict(theta0)
+    named = dict(model.named_parameters())
+    x, ei, y = data.x, data.edge_index, data.y
+
+    def soft(alive: Tensor, like_dtype) -> Tensor:
+        binary = alive.to(like_dtype)
+        m = binary + (2 * torch.rand(binary.shape, dtype=like_dtype, device=binary.device) - 1) * noise * binary
+        return m.requires_grad_(True)
+
+    fixed_g = alive_g.to(dtype)
+    fixed_w = {n: a.to(named[n].dtype) for n, a in alive_w.items()}
+    m_g = soft(alive_g, dtype)
+    m_w = {n: soft(a, named[n].dtype) for n, a in alive_w.items()}
+    opt = torch.optim.Adam(list(model.parameters()) + [m_g] + list(m_w.values()), lr=lr,
+                           weight_decay=weight_decay)
+    best_val, best = -1.0, None
+    bar = _bar(epochs, "  masks", progress, leave=False)
+    for _ in range(epochs):
+        model.train()
+        opt.zero_grad()
+        params = {n: named[n] * m_w[n] * fixed_w[n] for n in m_w}
+        out = _masks.forward(model, x, ei, route, m_g * fixed_g, params)
+        F.cross_entropy(out[data.train_mask], y[data.train_mask]).backward()
+        with torch.no_grad():
+            for m, scale in [(m_g, s1)] + [(m, s2) for m in m_w.values()]:
+                if m.grad is None:
+                    m.grad = torch.zeros_like(m)
+                m.grad.add_(scale * torch.sign(m))
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            params = {n: named[n] * m_w[n] * fixed_w[n] for n in m_w}
+            out = _masks.forward(model, x, ei, route, m_g * fixed_g, params)
+        val = _accuracy(out, y, data.val_mask)
+        if val > best_val:
+            best_val = val
+            best = (m_g.detach().clone(), {n: m.detach().clone() for n, m in m_w.items()})
+        bar.update()
+    bar.close()
+    return best
