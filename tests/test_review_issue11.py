@@ -1,8 +1,8 @@
 """Adversarial review of issue 11's changes: cases that prune silently wrong or crash raw.
 
-Each test states the behaviour structprune promises (exact, or refused/frozen with a reason)
-and is marked ``xfail(strict=True)`` while the bug stands, so that the suite stays green and the
-test turns into a failure (XPASS) the moment the fix lands, to be unmarked then.
+Each test states the behaviour structprune promises (exact, or refused/frozen with a reason).
+All five failed before their fixes (export guards checked at call time and kept static in ONNX,
+multi-dim bool masks, LSTM proj_size, reductions of weights frozen).
 """
 import pytest
 import torch
@@ -81,9 +81,6 @@ class Mask2D(nn.Module):
         return self.b(h[self.m].transpose(0, 1))
 
 
-@pytest.mark.xfail(strict=True, reason="fx capture has no dtype in its shape records: "
-                   "getitem_indices/index_couplings read a 2-D bool mask as one integer index, "
-                   "couple the masked channel dim to the mask's count; raw IndexError")
 @pytest.mark.parametrize("ellipsis", [False, True], ids=["mask", "ellipsis_mask"])
 def test_fx_bool_mask_over_two_dims_is_exact_or_frozen(ellipsis):
     model = randomize_(Mask2D(ellipsis)).double().eval()
@@ -111,9 +108,6 @@ class ProjLSTM(nn.Module):
         return self.out(y)
 
 
-@pytest.mark.xfail(strict=True, reason="AtenRNNInputRule assumes 4 (or 2) params per layer and "
-                   "direction; with proj_size there are 5 (w_hr), so the reverse direction's "
-                   "w_ih is taken to be the forward w_hr: raw ValueError/RuntimeError")
 @pytest.mark.parametrize("features", [8, 6])
 def test_export_lstm_with_proj_size_prunes_its_input_exactly(features):
     model = randomize_(ProjLSTM(features)).double().eval()
@@ -145,9 +139,6 @@ class ShapeCNN(nn.Module):
         return self.fc(self.c2(h).flatten(2)[:, :, :n // 2].sum(-1))
 
 
-@pytest.mark.xfail(strict=True, reason="_plain_graph drops the exported program's _guards_fn and "
-                   "_guard_shapes re-checks only fixed sizes and lower bounds, not W <= 4 or "
-                   "H*W == 16: the pruned model runs the example's branch on an 8x8 image")
 @pytest.mark.parametrize("style", ["branch", "int_size"])
 def test_export_captured_cnn_on_another_image_size_is_exact_or_refused(style):
     model = randomize_(ShapeCNN(style)).double().eval()
@@ -187,9 +178,6 @@ class CosineHead(nn.Module):
         return F.linear(h, w)
 
 
-@pytest.mark.xfail(strict=True, reason="ReduceRule leaves a sum/p-norm's reduced dim free even "
-                   "when it reduces a parameter: removing w's columns renormalises the kept ones, "
-                   "while zeroing the feature does not (the oracle masks w's get_attr too)")
 @pytest.mark.parametrize("how", ["norm", "sum"])
 def test_weight_normalised_over_pruned_features_is_exact_or_frozen(how):
     model = randomize_(CosineHead(how)).double().eval()
@@ -217,9 +205,6 @@ def test_plain_head_equals_the_original_with_the_features_zeroed():
     assert max_rel_diff(run(pruned, x), _zeroed_original(model, pruned, ["a"], x)) < 1e-8
 
 
-@pytest.mark.xfail(strict=True, reason="export/onnx.captured_axes opens every symbolic dim, also "
-                   "ones the capture bounded (W <= 4) or related (H*W == 16): onnxruntime runs "
-                   "the example's branch on an 8x8 image, silently")
 @pytest.mark.parametrize("style", ["branch", "int_size"])
 def test_onnx_of_export_captured_cnn_on_another_image_size_is_exact_or_refused(style, tmp_path):
     ort = pytest.importorskip("onnxruntime")

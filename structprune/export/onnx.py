@@ -107,9 +107,33 @@ def captured_axes(model: nn.Module, names: list[str]) -> Optional[dict[str, dict
             continue
         for d, size in enumerate(val.shape):
             if isinstance(size, torch.SymInt) and size.node.maybe_as_int() is None:
+                if _guarded(model, ph, d, size):
+                    continue  # captured for a range or relation ONNX cannot check: static
                 key = str(size.node.expr)
                 out.setdefault(name, {})[d] = symbols.setdefault(key, f"{name}_dim{d}")
     return out or None
+
+
+def _guarded(model: nn.Module, ph: "torch.fx.Node", d: int, size: "torch.SymInt") -> bool:
+    """Whether the capture holds only for some sizes of dim ``d`` of input ``ph`` beyond a
+    lower bound: an upper bound (``W <= 4`` from a branch) or a relation (``H * W == 16``)
+    among its guards. An ONNX file with that axis open would compute the captured branch for
+    every size, so the axis stays static (onnxruntime refuses other sizes)."""
+    import re
+
+    import sympy
+
+    vr = size.node.shape_env.var_to_range.get(size.node.expr)
+    if isinstance(getattr(vr, "upper", None), sympy.Integer):  # not torch's int_oo
+        return True
+    names = [str(ph.target)] + [f"flat_args'][{k}" for k, n in enumerate(
+        model.meta.get("structprune_flat_inputs", ())) if n == ph.name]  # type: ignore
+    refs = [f"L['{n}'].size()[{d}]" for n in names]
+    for code in model.meta.get("structprune_guards", ()):  # type: ignore[union-attr]
+        if any(r in code for r in refs) and \
+                not re.fullmatch(r"\s*L\[[^\]]+\](\[\d+\])?\.size\(\)\[\d+\] >= \d+\s*", code):
+            return True
+    return False
 
 
 def _export(model: nn.Module, args: tuple, path: str, exporter: str,

@@ -32,9 +32,14 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     """
     import warnings
 
+    from .inputs import guard_checkable
+
     with eval_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = _export_dynamic(model, args, kwargs)
+        if not all(guard_checkable(c) for c in getattr(ep, "_guards_code", None) or []):
+            # a condition on the sizes that cannot be checked at call time: the example's sizes
+            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     epm = ep.module()
     graph = _plain_graph(epm.graph)
     _drop_unused(graph)
@@ -43,6 +48,13 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     # state dict keeps the model's keys.
     adopt_tensors(gm, epm)
     gm.meta["structprune_capture"] = "export"
+    # The conditions on the input sizes the program was captured under (``W <= 4`` from a
+    # branch, ``H * W == 16`` from an ``int()``): ``_guards_fn`` is left out of the graph, and
+    # ``inputs._guard_shapes`` checks these instead.
+    gm.meta["structprune_guards"] = list(getattr(ep, "_guards_code", None) or [])
+    # a strict export names the inputs L['flat_args'][k]: the k-th leaf, by its node's name
+    gm.meta["structprune_flat_inputs"] = [n.name for n in epm.graph.nodes
+                                          if n.op == "placeholder"]
     return gm
 
 

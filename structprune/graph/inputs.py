@@ -17,6 +17,7 @@ forward pre-hook (:func:`add_guard_hook`).
 """
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import math
@@ -251,7 +252,80 @@ def _guard_shapes(gm: fx.GraphModule, placeholders: list[fx.Node], values: dict[
                 emit(torch._assert, emit(operator.ge, size, lower[d]),
                      f"{where} for input '{ph.target}' with at least {lower[d]} entries in dim "
                      f"{d}; a smaller size may broadcast differently")
+    by_name: dict[str, Any] = {str(ph.target): ph for ph in placeholders}
+    nodes = {n.name: n for n in graph.nodes}
+    flat = [nodes.get(name) for name in gm.meta.get("structprune_flat_inputs", ())]
+    if all(n is not None for n in flat):
+        by_name.setdefault("flat_args", flat)
+    for code in gm.meta.get("structprune_guards", ()):
+        try:
+            cond = _guard_node(ast.parse(code, mode="eval").body, by_name, emit)
+        except (SyntaxError, ValueError, KeyError):
+            raise TraceError(f"{model_name}: torch.export captured it under the condition "
+                             f"{code!r} on its input sizes, which structprune cannot check "
+                             f"at call time") from None
+        emit(torch._assert, cond, f"this pruned {model_name} was captured by torch.export for "
+                                  f"inputs with {code.replace('L[', '[')}, which these inputs "
+                                  f"break; prune again with example inputs like them")
     gm.recompile()
+
+
+class _AnyInputs(dict):
+    """For :func:`guard_checkable`: every input name stands for a placeholder."""
+
+    def __missing__(self, key: str) -> Any:
+        return [object()] * 4096 if key == "flat_args" else object()
+
+
+def guard_checkable(code: str) -> bool:
+    """Whether :func:`_guard_node` can turn one of export's guard expressions into graph
+    nodes (``capture_export`` captures with the example's sizes when it cannot)."""
+    try:
+        _guard_node(ast.parse(code, mode="eval").body, _AnyInputs(), lambda *a: object())
+    except (SyntaxError, ValueError, KeyError, IndexError, TypeError):
+        return False
+    return True
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_CMPOPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+           ast.Gt: operator.gt, ast.GtE: operator.ge}
+
+
+def _guard_node(e: ast.AST, inputs: dict[str, fx.Node], emit: Any) -> Any:
+    """One of ``torch.export``'s guard expressions (``L['x'].size()[3] <= 4``) as graph nodes
+    of plain operators on the inputs' sizes; ValueError for any other syntax."""
+    if isinstance(e, ast.Constant) and isinstance(e.value, (int, bool)):
+        return e.value
+    if isinstance(e, ast.Subscript):
+        if isinstance(e.value, ast.Name) and e.value.id == "L":
+            return inputs[ast.literal_eval(e.slice)]
+        base, key = _guard_node(e.value, inputs, emit), ast.literal_eval(e.slice)
+        return base[key] if isinstance(base, list) else emit(operator.getitem, base, key)
+    if isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and not e.args \
+            and e.func.attr == "size":
+        return emit(getattr, _guard_node(e.func.value, inputs, emit), "shape")
+    if isinstance(e, ast.BinOp) and type(e.op) in _BINOPS:
+        return emit(_BINOPS[type(e.op)], _guard_node(e.left, inputs, emit),
+                    _guard_node(e.right, inputs, emit))
+    if isinstance(e, ast.UnaryOp) and isinstance(e.op, (ast.USub, ast.Not)):
+        fn = operator.neg if isinstance(e.op, ast.USub) else operator.not_
+        return emit(fn, _guard_node(e.operand, inputs, emit))
+    if isinstance(e, ast.Compare) and all(type(o) in _CMPOPS for o in e.ops):
+        terms = [_guard_node(x, inputs, emit) for x in [e.left] + e.comparators]
+        out = None
+        for op, a, b in zip(e.ops, terms, terms[1:]):
+            c = emit(_CMPOPS[type(op)], a, b)
+            out = c if out is None else emit(operator.and_, out, c)
+        return out
+    if isinstance(e, ast.BoolOp):
+        fn = operator.and_ if isinstance(e.op, ast.And) else operator.or_
+        out = _guard_node(e.values[0], inputs, emit)
+        for v in e.values[1:]:
+            out = emit(fn, out, _guard_node(v, inputs, emit))
+        return out
+    raise ValueError(ast.dump(e))
 
 
 def _captured_sizes(ph: fx.Node, v: torch.Tensor) -> tuple[list[Optional[int]], dict[int, int]]:

@@ -192,11 +192,14 @@ class ReduceRule(OpRule):
         if reduced is None and ctx.out_shape == sx and len(sx) > 0:  # nansum(x, []): no-op
             yield from ctx.identity(x, ctx.node)
             return
-        if _zero_neutral(ctx, name):
+        weights = _parameters_only(x)
+        if _zero_neutral(ctx, name) and not weights:
             for d in range(len(sx)) if reduced is None else sorted(reduced):
                 yield Couple(ctx.space(x, d), ctx.space(x, d))  # mentioned: free, tied to nothing
         else:
-            why = f"{name} mixes the entries it reduces: removing some would change the result"
+            why = (f"{name} reduces a tensor computed from parameters alone (a weight norm): "
+                   f"removing entries would rescale the kept ones" if weights else
+                   f"{name} mixes the entries it reduces: removing some would change the result")
             yield from ctx.freeze(x, why, None if reduced is None else sorted(reduced))
         if reduced is None:
             return
@@ -226,6 +229,25 @@ def _zero_neutral(ctx: CoupleContext, name: str) -> bool:
         p = 2 if p is None else p
         return p == "fro" or (isinstance(p, (int, float)) and p >= 0)
     return False
+
+
+def _parameters_only(x: Any) -> bool:
+    """Whether ``x`` is computed from parameters and buffers alone (no model input reaches it):
+    a weight's norm or sum (weight normalisation, a cosine classifier's ``w / w.norm(dim=1)``).
+    Removing some of its entries changes the reduction of the kept ones, whereas zeroing the
+    activations they meet does not, so its reduced dims stay frozen."""
+    if not isinstance(x, fx.Node):
+        return False
+    seen, todo = set(), [x]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
 
 
 def _keepdim_pos(node: fx.Node, name: str, dim_pos: int) -> int:

@@ -129,8 +129,11 @@ class AtenRNNInputRule(OpRule):
         sx = ctx.shape(x)
         if sx is None or not isinstance(params, (list, tuple)):
             return
-        stride = 4 if has_biases else 2
-        for d in range(2 if bidirectional else 1):
+        directions = 2 if bidirectional else 1
+        layers = int(ctx.value(ctx.arg(4, "num_layers")) or 1)
+        # per layer and direction: w_ih, w_hh[, b_ih, b_hh][, w_hr: an LSTM's proj_size]
+        stride = len(params) // (layers * directions)
+        for d in range(directions):
             if d * stride < len(params) and ctx.shape(params[d * stride]) is not None:
                 yield Couple(ctx.space(x, -1), ctx.space(params[d * stride], 1))
         why = "the recurrent layer's hidden units are kept whole (its input features prune)"

@@ -91,6 +91,16 @@ def index_couplings(ctx: CoupleContext, x: Any, indices: list[Any]) -> Iterator[
         return
     adjacent = picked == list(range(picked[0], picked[-1] + 1))
     n_index = len(so) - len(kept)
+    if not any(_is_bool(indices[k]) for k in picked):
+        # Integer indices put their broadcast shape where the dims they index were. A bool
+        # mask of several dims looks like one integer index where the dtype is unknown (fx
+        # shape records carry none): where the dims do not add up, couple nothing (frozen).
+        try:
+            expected = len(torch.broadcast_shapes(*[ctx.shape(indices[k]) for k in picked]))
+        except RuntimeError:
+            return
+        if n_index != expected:
+            return
     at = first if adjacent else 0
     for j, xd in enumerate(kept):
         od = j if j < at else j + n_index
@@ -107,8 +117,9 @@ def getitem_indices(ctx: CoupleContext, index: Any, ndim: int) -> Optional[list[
         return None
     out: list[Any] = []
     for k, it in enumerate(items):
-        if it is Ellipsis:
-            used = sum(1 for j in items if j is not Ellipsis)
+        if it is Ellipsis:  # a bool mask of k dims uses k of them
+            used = sum(len(ctx.shape(j)) if _is_bool(j) else 1 for j in items
+                       if j is not Ellipsis)
             out += [None] * (ndim - used)
         elif isinstance(it, slice) and it == slice(None):
             out.append(None)
