@@ -250,3 +250,40 @@ def test_model_that_ignores_its_edge_weight_is_refused():
 def test_unknown_weight_name_is_refused():
     with pytest.raises(sp.ModelError, match="no parameter 'nope'"):
         sp.gnn.find_ticket(ugs_model(), sbm(), rounds=1, epochs=1, progress=False, weights=["nope"])
+
+
+def test_self_loops_the_model_adds_are_never_masked():
+    """All edges masked to zero leave each node its own self-loop (weight 1, added after masking)."""
+    model, data = ugs_model().eval(), sbm()
+    ei = data.edge_index
+    zero = masks.forward(model, data.x, ei, "edge_weight", torch.zeros(ei.size(1)))
+    torch.testing.assert_close(zero, model(data.x, ei[:, :0]))
+    assert zero.abs().sum() > 0
+
+
+def test_benchmark_random_baseline_matches_the_ticket_counts(ticket):
+    """benchmarks/ugs_planetoid.py: random survivors at each round's exact counts, nested over
+    rounds, and its markdown table renders a round per row."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "ugs_planetoid.py")
+    spec = importlib.util.spec_from_file_location("ugs_planetoid", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = ugs_model()
+    names = list(ticket.weight_masks)
+    counts_g = [h["edges_kept"] for h in ticket.history]
+    counts_w = [h["weights_kept"] for h in ticket.history]
+    rows = bench.random_masks(model, names, counts_g, counts_w, ticket.edge_mask.numel(),
+                              torch.Generator().manual_seed(0))
+    prev = torch.ones_like(ticket.edge_mask)
+    for (mg, mw), kg, kw in zip(rows, counts_g, counts_w):
+        assert int(mg.sum()) == kg and sum(int(m.sum()) for m in mw.values()) == kw
+        assert not bool((mg & ~prev).any())
+        prev = mg
+    seed_row = {"seed": 0, "dense": {"test_acc": 0.8, "macs": 10}, "ugs": ticket.history, "ugs_seconds": 1.0,
+                "random": [{"test_acc": 0.5}] * ROUNDS}
+    md = bench.markdown({"dataset": "sbm", "rounds": ROUNDS, "epochs": EPOCHS, "threads": 1, "seeds": [seed_row],
+                         "targets": {}})
+    assert md.count("\n| ") == ROUNDS + 2  # header, dense row, one per round

@@ -1,0 +1,198 @@
+"""UGS (unified graph lottery tickets) on Planetoid vs random pruning at the same sparsities.
+
+GCN of the UGS paper (``models/gnn_ugs.py``, 512 hidden, aggregate-then-transform, bias-free,
+source-degree normalisation) with the official hyperparameters (``../shared/ALGORITHMS.md`` §2.6),
+``sp.gnn.find_ticket`` for the tickets. Per seed: the dense network trained from θ0 (the fixed-mask
+stage with nothing pruned), then ``--rounds`` UGS rounds; and at each round's exact edge / weight
+counts a random ticket (random survivors, global over the weights, the same θ0, the same
+fixed-mask training). Writes ``benchmarks/results/ugs_<dataset>.json`` and ``.md`` (and a ``.png``
+when matplotlib is installed).
+
+    .venv/bin/python benchmarks/ugs_planetoid.py --dataset cora --rounds 5 --seeds 1 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import structprune as sp  # noqa: E402
+from models import gnn_ugs, planetoid  # noqa: E402
+from structprune.gnn.masks import count_macs, prune_lowest  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+# ALGORITHMS.md §2.3 / §2.6: official seed, lr, weight decay, s1, s2 (GCN, node classification)
+OFFICIAL = {
+    "cora": dict(seed=2377, lr=0.008, weight_decay=8e-5, s1=1e-2, s2=1e-2),
+    "citeseer": dict(seed=4428, lr=0.01, weight_decay=5e-4, s1=1e-2, s2=1e-2),
+    "pubmed": dict(seed=3333, lr=0.01, weight_decay=5e-4, s1=1e-6, s2=1e-3),
+}
+# ALGORITHMS.md §2.8 (read off the paper's Fig. 1, ±0.2): round -> (UGS, random)
+TARGETS = {"cora": {0: (80.7, None), 4: (80.8, 78.9), 9: (79.3, 76.3)},
+           "citeseer": {0: (70.8, None), 8: (72.0, 68.4), 13: (71.1, 61.5), 17: (70.3, 44.1)}}
+
+
+def random_masks(model, names, counts_g, counts_w, num_edges, generator):
+    """Random survivors with the given kept counts, pruned round by round like UGS."""
+    named = dict(model.named_parameters())
+    alive_g = torch.ones(num_edges, dtype=torch.bool)
+    alive_w = torch.ones(sum(named[n].numel() for n in names), dtype=torch.bool)
+    out = []
+    for kg, kw in zip(counts_g, counts_w):
+        while int(alive_g.sum()) > kg:
+            alive_g = prune_lowest(torch.rand(num_edges, generator=generator), alive_g,
+                                   (int(alive_g.sum()) - kg - 1) / int(alive_g.sum()) + 1e-12)
+        while int(alive_w.sum()) > kw:
+            alive_w = prune_lowest(torch.rand(alive_w.numel(), generator=generator), alive_w,
+                                   (int(alive_w.sum()) - kw - 1) / int(alive_w.sum()) + 1e-12)
+        sizes = [named[n].numel() for n in names]
+        out.append((alive_g.clone(), {n: f.view_as(named[n]) for n, f in zip(names, alive_w.split(sizes))}))
+    return out
+
+
+def run(dataset: str, rounds: int, seeds: int, epochs: int, progress: bool, root: str | None = None,
+        device: str = "cpu", save=None) -> dict:
+    data = planetoid.load(dataset, root=root).to(device)
+    hp = OFFICIAL[dataset]
+    result = {"dataset": dataset, "rounds": rounds, "epochs": epochs, "threads": torch.get_num_threads(),
+              "hyperparameters": hp, "seeds": [], "targets": TARGETS.get(dataset, {}), "device": str(device),
+              "torch": torch.__version__}
+    for i in range(seeds):
+        seed = hp["seed"] + i
+        torch.manual_seed(seed)
+        model = gnn_ugs.build(data.num_features, int(data.y.max()) + 1, hidden=512).to(device)
+        theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+        names = [n for n, p in model.named_parameters() if p.dim() >= 2]
+        ones_w = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n in names}
+        ones_g = torch.ones(data.edge_index.size(1), dtype=torch.bool, device=device)
+        t = time.perf_counter()
+        _, dense_test, state = sp.gnn.train_ticket(model, data, ones_g, ones_w, theta0, epochs, hp["lr"],
+                                                   hp["weight_decay"], seed)
+        model.load_state_dict(state)
+        dense = {"test_acc": dense_test, "seconds": time.perf_counter() - t,
+                 "macs": count_macs(model, data.x, data.edge_index)}
+        model.load_state_dict(theta0)
+        t = time.perf_counter()
+        ticket = sp.gnn.find_ticket(model, data, rounds=rounds, epochs=epochs, lr=hp["lr"],
+                                    weight_decay=hp["weight_decay"], s1=hp["s1"], s2=hp["s2"], seed=seed,
+                                    progress=progress)
+        ugs_seconds = time.perf_counter() - t
+        randoms = random_masks(model, names, [h["edges_kept"] for h in ticket.history],
+                               [h["weights_kept"] for h in ticket.history], ones_g.numel(),
+                               torch.Generator().manual_seed(seed))
+        rand_rows = []
+        for (mg, mw) in randoms:
+            mg, mw = mg.to(device), {n: m.to(device) for n, m in mw.items()}
+            _, test, _ = sp.gnn.train_ticket(model, data, mg, mw, theta0, epochs, hp["lr"], hp["weight_decay"], seed)
+            rand_rows.append({"test_acc": test, "edges_kept": int(mg.sum()),
+                              "weights_kept": int(sum(int(m.sum()) for m in mw.values()))})
+        result["seeds"].append({"seed": seed, "dense": dense, "ugs": ticket.history, "random": rand_rows,
+                                "ugs_seconds": ugs_seconds})
+        if save is not None:
+            save(result)
+        print(f"seed {seed}: dense {100 * dense_test:.2f}; UGS {ugs_seconds:.0f} s for {rounds} rounds", flush=True)
+    return result
+
+
+def markdown(result: dict) -> str:
+    seeds = result["seeds"]
+    mean = lambda xs: statistics.mean(xs)  # noqa: E731
+    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
+    targets = {int(k): v for k, v in result["targets"].items()}
+    lines = [f"# UGS on {result['dataset']} (GCN, ugs_gcn), {len(seeds)} seed(s), {result['epochs']} epochs per stage, "
+             f"{result['threads']} thread(s)", "",
+             "Test accuracy (%) at the best validation epoch of the fixed-mask retraining from θ0; "
+             "random = random survivors at the same edge / weight counts, same θ0 and training. "
+             "Targets: ALGORITHMS.md §2.8 (paper Fig. 1, ±0.2).", "",
+             "| round | graph sp. % | weight sp. % | edges kept | weights kept | UGS | random | UGS − random "
+             "| target UGS / random | MACs (M) | s / round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = [100 * s["dense"]["test_acc"] for s in seeds]
+    t0 = targets.get(0, (None, None))[0]
+    lines.append(f"| 0 (dense) | 0 | 0 | – | – | {mean(dense):.2f} ± {sd(dense):.2f} | – | – | "
+                 f"{t0 if t0 else '–'} | {seeds[0]['dense']['macs'] / 1e6:.0f} | – |")
+    for k in range(result["rounds"]):
+        h = seeds[0]["ugs"][k]
+        ugs = [100 * s["ugs"][k]["test_acc"] for s in seeds]
+        rnd = [100 * s["random"][k]["test_acc"] for s in seeds]
+        tgt = targets.get(k + 1)
+        tgt_s = f"{tgt[0]} / {tgt[1]}" if tgt else "–"
+        secs = mean([s["ugs"][k]["seconds"] for s in seeds])
+        lines.append(f"| {k + 1} | {100 * h['graph_sparsity']:.2f} | {100 * h['weight_sparsity']:.2f} | "
+                     f"{h['edges_kept']} | {h['weights_kept']} | {mean(ugs):.2f} ± {sd(ugs):.2f} | "
+                     f"{mean(rnd):.2f} ± {sd(rnd):.2f} | {mean(ugs) - mean(rnd):+.2f} | {tgt_s} | "
+                     f"{h['macs'] / 1e6:.0f} | {secs:.0f} |")
+    total = mean([s["ugs_seconds"] for s in seeds])
+    lines += ["", f"UGS search: {total:.0f} s for {result['rounds']} rounds ({total / result['rounds']:.0f} s per "
+              f"round of 2 x {result['epochs']} epochs) with {result['threads']} thread(s)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (the JSON and markdown are written)")
+        return
+    seeds = result["seeds"]
+    xs = [100 * h["graph_sparsity"] for h in seeds[0]["ugs"]]
+    ugs = [statistics.mean(100 * s["ugs"][k]["test_acc"] for s in seeds) for k in range(len(xs))]
+    rnd = [statistics.mean(100 * s["random"][k]["test_acc"] for s in seeds) for k in range(len(xs))]
+    dense = statistics.mean(100 * s["dense"]["test_acc"] for s in seeds)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, ugs, "o-", label="UGS")
+    ax.plot(xs, rnd, "s--", label="random")
+    ax.axhline(dense, color="gray", ls=":", label="dense")
+    ax.set_xlabel("graph sparsity (%)  [weight sparsity on the top axis]")
+    ax.set_ylabel("test accuracy (%)")
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(xs, [f"{100 * h['weight_sparsity']:.0f}" for h in seeds[0]["ugs"]])
+    ax.legend()
+    ax.set_title(f"UGS vs random, GCN on {result['dataset']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="cora", choices=sorted(OFFICIAL))
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--seeds", type=int, default=1, help="number of seeds: official seed, +1, ...")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--root", default=None, help="folder holding <Name>/raw/ (default ../shared/data/planetoid)")
+    parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/ugs_<dataset>)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stem = Path(args.out) if args.out else RESULTS / f"ugs_{args.dataset}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(result: dict) -> None:  # after every seed, so a cut-short run keeps what it finished
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        stem.with_suffix(".md").write_text(markdown(result))
+
+    result = run(args.dataset, args.rounds, args.seeds, args.epochs, not args.no_progress, args.root,
+                 args.device, save)
+    md = markdown(result)
+    print(md)
+    plot(result, stem.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
