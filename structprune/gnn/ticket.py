@@ -173,7 +173,9 @@ def find_ticket(
         data: a PyG ``Data`` with ``x``, ``edge_index``, ``y`` and ``train_mask`` / ``val_mask``
             / ``test_mask``. Every column of ``edge_index`` is one directed edge with its own mask
             entry, as UGS masks each directed adjacency entry (give both directions for an
-            undirected graph).
+            undirected graph). Only ``x`` and ``edge_index`` reach the model (``model(x,
+            edge_index[, edge_weight=mask])``); other attributes (``edge_attr``, a graph's own
+            ``edge_weight``) are not passed to it, and are sliced alike in ``Ticket.data``.
         rounds: pruning rounds; after ``k`` rounds ``n_k = n_{k-1} - int(n_{k-1}·rate) - 1``
             entries remain (≈ 0.95^k of the edges and 0.8^k of the weights at the defaults).
         graph_rate, weight_rate: fraction of the still kept edges / weights pruned per round.

@@ -287,3 +287,26 @@ def test_benchmark_random_baseline_matches_the_ticket_counts(ticket):
     md = bench.markdown({"dataset": "sbm", "rounds": ROUNDS, "epochs": EPOCHS, "threads": 1, "seeds": [seed_row],
                          "targets": {}})
     assert md.count("\n| ") == ROUNDS + 2  # header, dense row, one per round
+
+
+def test_mask_stage_adds_l1_subgradients_and_keeps_pruned_entries_at_zero():
+    """One step of the mask stage with a dominant s1 / s2: Adam's first step moves every kept
+    mask entry by lr against sign(grad + s * sign(m)) = -lr; pruned entries (M = 0) stay exactly 0;
+    the masks start at M (1 + U(-noise, noise))."""
+    from structprune.gnn import ticket as ticket_mod
+
+    model, data = ugs_model(), sbm()
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    alive_g = torch.rand(data.edge_index.size(1), generator=torch.Generator().manual_seed(2)) > 0.2
+    alive_w = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(3)) > 0.2
+               for n, p in model.named_parameters()}
+    lr, noise = 0.01, 1e-5
+    m_g, m_w = ticket_mod._search_masks(model, data, "edge_weight", theta0, alive_g, alive_w, 1, lr, 0.0,
+                                        1e3, 1e3, 0, noise, torch.float32, False)
+    assert bool((m_g[~alive_g] == 0).all())
+    torch.testing.assert_close(m_g[alive_g], torch.full_like(m_g[alive_g], 1 - lr), atol=noise + 1e-6, rtol=0)
+    for name, m in m_w.items():
+        assert bool((m[~alive_w[name]] == 0).all())
+        torch.testing.assert_close(m[alive_w[name]], torch.full_like(m[alive_w[name]], 1 - lr),
+                                   atol=noise + 1e-6, rtol=0)
+    assert float((m_g[alive_g] - (1 - lr)).abs().max()) > 0  # the noise is there
