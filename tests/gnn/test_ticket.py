@@ -310,3 +310,21 @@ def test_mask_stage_adds_l1_subgradients_and_keeps_pruned_entries_at_zero():
         torch.testing.assert_close(m[alive_w[name]], torch.full_like(m[alive_w[name]], 1 - lr),
                                    atol=noise + 1e-6, rtol=0)
     assert float((m_g[alive_g] - (1 - lr)).abs().max()) > 0  # the noise is there
+
+
+@pytest.mark.parametrize("arch,route", [("gcn", "edge_weight"), ("graphsage", "explain"), ("gin", "explain"),
+                                        ("gat", "explain"), ("gatv2", "explain")])
+def test_reference_gnns_give_tickets_that_reproduce(arch, route):
+    """models/gnn.py's nets: GCNConv takes the mask as edge_weight, the others through the explain
+    hooks; the counts are exact and the ticket reproduces its last test accuracy."""
+    from models import gnn
+
+    torch.manual_seed(0)
+    model, data = gnn.build(arch, num_features=3, num_classes=3), sbm()
+    assert masks.resolve_route(model, "auto") == route
+    t = sp.gnn.find_ticket(model, data, rounds=2, epochs=3, progress=False)
+    assert [h["edges_kept"] for h in t.history] == expected_counts(data.edge_index.size(1), 0.05, 2)
+    with torch.no_grad():
+        out = t.model(t.data.x, t.data.edge_index)
+    acc = float((out[t.data.test_mask].argmax(-1) == t.data.y[t.data.test_mask]).float().mean())
+    assert acc == t.history[-1]["test_acc"]
