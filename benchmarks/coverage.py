@@ -314,15 +314,10 @@ def run_one(name: str, tol64: float, tol32: float, f32_above_m: float) -> dict[s
 # driver
 # ------------------------------------------------------------------------------------------------
 def _git_rev() -> str:
-    root = os.path.dirname(HERE)
-    try:
-        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "structprune"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    sys.path.insert(0, HERE)
+    from _common import git_rev
+
+    return git_rev()
 
 
 def run_in_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:

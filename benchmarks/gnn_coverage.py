@@ -1024,17 +1024,10 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def _git_rev() -> str:
-    import subprocess
+    sys.path.insert(0, HERE)
+    from _common import git_rev
 
-    root = os.path.dirname(HERE)
-    try:
-        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "structprune"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return git_rev()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
