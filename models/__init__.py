@@ -95,6 +95,15 @@ def is_large(name: str) -> bool:
     return _entry(name).is_large
 
 
+def require_pyg() -> None:
+    """Raise a clear ImportError when PyTorch Geometric (the GNN models' dependency) is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch_geometric") is None:
+        raise ImportError("the GNN models in models/ need PyTorch Geometric: pip install "
+                          "'structprune[gnn]' (torch-geometric>=2.4)")
+
+
 def is_graph(name: str) -> bool:
     """True for the GNNs (they need torch_geometric and take graph inputs)."""
     return _entry(name).kind == "graph"

@@ -30,14 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, GINConv, SAGEConv
-    from torch_geometric.utils import to_undirected
-except ImportError as exc:  # pragma: no cover - exercised only without the optional dependency
-    raise ImportError(
-        "the GNN models in models/ need PyTorch Geometric: pip install 'structprune[gnn]' "
-        "(torch-geometric>=2.4)"
-    ) from exc
+from . import require_pyg
+
+require_pyg()
+from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, GINConv, SAGEConv
+from torch_geometric.utils import to_undirected
 
 ARCHITECTURES = ("gcn", "graphsage", "gin", "gat", "gatv2")
 

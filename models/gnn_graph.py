@@ -18,13 +18,10 @@ from typing import Literal
 import torch.nn as nn
 from torch import Tensor
 
-try:
-    from torch_geometric.nn import GINConv, global_add_pool, global_mean_pool
-except ImportError as exc:  # pragma: no cover - exercised only without the optional dependency
-    raise ImportError(
-        "the GNN models in models/ need PyTorch Geometric: pip install 'structprune[gnn]' "
-        "(torch-geometric>=2.4)"
-    ) from exc
+from . import require_pyg
+
+require_pyg()
+from torch_geometric.nn import GINConv, global_add_pool, global_mean_pool
 
 from .gnn import gin_mlp, random_graphs
 

@@ -31,14 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    from torch_geometric.nn import SimpleConv
-    from torch_geometric.utils import add_self_loops, scatter
-except ImportError as exc:  # pragma: no cover - exercised only without the optional dependency
-    raise ImportError(
-        "the GNN models in models/ need PyTorch Geometric: pip install 'structprune[gnn]' "
-        "(torch-geometric>=2.4)"
-    ) from exc
+from . import require_pyg
+
+require_pyg()
+from torch_geometric.nn import SimpleConv
+from torch_geometric.utils import add_self_loops, scatter
 
 from .gnn import example_inputs  # noqa: F401  (same random graphs as the other node models)
 

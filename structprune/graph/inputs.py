@@ -225,11 +225,13 @@ def _guard_shapes(gm: fx.GraphModule, placeholders: list[fx.Node], values: dict[
         after = node
         return node
 
+    checked: set[tuple[str, int, int]] = set()  # (input, dim, size) the checks below cover
     for ph in placeholders:
         v = values.get(str(ph.target))
         if not isinstance(v, torch.Tensor):
             continue
         fixed, lower = _captured_sizes(ph, v)
+        checked |= {(str(ph.target), d, n) for d, n in enumerate(fixed) if n is not None}
         where = f"this pruned {model_name} was captured by torch.export"
         if all(n is not None for n in fixed):
             msg = (f"{where} for input '{ph.target}' of shape {tuple(fixed)} and computes only "
@@ -241,15 +243,12 @@ def _guard_shapes(gm: fx.GraphModule, placeholders: list[fx.Node], values: dict[
         emit(torch._assert, emit(operator.eq, emit(getattr, ph, "ndim"), len(fixed)),
              f"{where} for {len(fixed)}-d input '{ph.target}'")
         for d, n in enumerate(fixed):
-            size = None
             if n is not None:
-                size = emit(operator.getitem, shape, d)
-                emit(torch._assert, emit(operator.eq, size, n),
+                emit(torch._assert, emit(operator.eq, emit(operator.getitem, shape, d), n),
                      f"{where} for input '{ph.target}' with size {n} in dim {d} (its other sizes "
                      f"are free); prune again with example inputs of the size you need")
             elif lower.get(d, 0) > 1:
-                size = emit(operator.getitem, shape, d)
-                emit(torch._assert, emit(operator.ge, size, lower[d]),
+                emit(torch._assert, emit(operator.ge, emit(operator.getitem, shape, d), lower[d]),
                      f"{where} for input '{ph.target}' with at least {lower[d]} entries in dim "
                      f"{d}; a smaller size may broadcast differently")
     by_name: dict[str, Any] = {str(ph.target): ph for ph in placeholders}
@@ -258,6 +257,8 @@ def _guard_shapes(gm: fx.GraphModule, placeholders: list[fx.Node], values: dict[
     if all(n is not None for n in flat):
         by_name.setdefault("flat_args", flat)
     for code in gm.meta.get("structprune_guards", ()):
+        if _size_equality(code) in checked:
+            continue  # a fixed size, checked above with a message that names it
         try:
             cond = _guard_node(ast.parse(code, mode="eval").body, by_name, emit)
         except (SyntaxError, ValueError, KeyError):
@@ -268,6 +269,25 @@ def _guard_shapes(gm: fx.GraphModule, placeholders: list[fx.Node], values: dict[
                                   f"inputs with {code.replace('L[', '[')}, which these inputs "
                                   f"break; prune again with example inputs like them")
     gm.recompile()
+
+
+def _size_equality(code: str) -> Optional[tuple[str, int, int]]:
+    """``(input, dim, size)`` for a guard that is just ``L['x'].size()[d] == n``, else None."""
+    try:
+        e = ast.parse(code, mode="eval").body
+    except SyntaxError:
+        return None
+    if not (isinstance(e, ast.Compare) and len(e.ops) == 1 and isinstance(e.ops[0], ast.Eq)
+            and isinstance(e.comparators[0], ast.Constant)):
+        return None
+    left = e.left  # L['x'].size()[d]
+    try:
+        call = left.value  # type: ignore[attr-defined]
+        name = ast.literal_eval(call.func.value.slice)
+        assert isinstance(call.func.value.value, ast.Name) and call.func.value.value.id == "L"
+        return str(name), int(ast.literal_eval(left.slice)), int(e.comparators[0].value)
+    except (AttributeError, ValueError, AssertionError, TypeError):
+        return None
 
 
 class _AnyInputs(dict):

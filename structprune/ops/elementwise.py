@@ -192,8 +192,9 @@ class ReduceRule(OpRule):
         if reduced is None and ctx.out_shape == sx and len(sx) > 0:  # nansum(x, []): no-op
             yield from ctx.identity(x, ctx.node)
             return
-        weights = _parameters_only(x)
-        if _zero_neutral(ctx, name) and not weights:
+        neutral = _zero_neutral(ctx, name)
+        weights = neutral and _parameters_only(x)  # the walk only where it can matter
+        if neutral and not weights:
             for d in range(len(sx)) if reduced is None else sorted(reduced):
                 yield Couple(ctx.space(x, d), ctx.space(x, d))  # mentioned: free, tied to nothing
         else:

@@ -28,12 +28,13 @@ _OP_GATES = {op: g for name, g in (("rnn_tanh_cell.default", 1), ("rnn_relu_cell
 
 
 def cell_couplings(ctx: CoupleContext, x: Any, states: list[Space], outs: list[Space],
-                   w_ih: Space, w_hh: Space, w_hh_in: Space, biases: list[Space], gates: int,
+                   w_ih: Space, w_hh: Space, biases: list[Space], gates: int,
                    hidden: int) -> Iterator[Record]:
     """Hidden unit ``j``: the states' entry ``j``, rows ``g*H + j`` of the weights and biases,
     column ``j`` of ``w_hh``; the input's last dim is ``w_ih``'s columns."""
     unit = np.tile(np.arange(hidden), gates)
     rows = np.arange(gates * hidden)
+    w_hh_in = w_hh.with_dim(1)
     for s in states + outs:
         yield Couple(s, w_hh_in)
     for s in [w_ih, w_hh] + biases:
@@ -62,11 +63,11 @@ class CellRule(OpRule):
         gates = next(g for cls, g in _GATES.items() if isinstance(m, cls))
         x, hx = ctx.arg(0, "input"), ctx.arg(1, "hx")
         lstm = gates == 4
-        states = _state_spaces(ctx, hx, lstm)
+        states = _state_spaces(ctx, hx)
         outs = ([ctx.item(0, -1), ctx.item(1, -1)] if lstm else [ctx.out(-1)])
         biases = [ctx.param(b, 0) for b in ("bias_ih", "bias_hh") if ctx.has_param(b)]
         yield from cell_couplings(ctx, x, states, outs, ctx.param("weight_ih", 0),
-                                  ctx.param("weight_hh", 0), ctx.param("weight_hh", 1), biases,
+                                  ctx.param("weight_hh", 0), biases,
                                   gates, m.hidden_size)
         yield from _batch(ctx, x, outs, states)
 
@@ -89,16 +90,16 @@ class AtenCellRule(OpRule):
         sw = ctx.shape(w_hh)
         if ctx.shape(w_ih) is None or sw is None or len(sw) != 2:
             return
-        states = _state_spaces(ctx, hx, lstm)
+        states = _state_spaces(ctx, hx)
         outs = [ctx.item(0, -1), ctx.item(1, -1)] if lstm else [ctx.out(-1)]
         biases = [ctx.space(b, 0) for b in (ctx.arg(4, "b_ih"), ctx.arg(5, "b_hh"))
                   if ctx.shape(b) is not None]
         yield from cell_couplings(ctx, x, states, outs, ctx.space(w_ih, 0), ctx.space(w_hh, 0),
-                                  ctx.space(w_hh, 1), biases, gates, sw[1])
+                                  biases, gates, sw[1])
         yield from _batch(ctx, x, outs, states)
 
 
-def _state_spaces(ctx: CoupleContext, hx: Any, lstm: bool) -> list[Space]:
+def _state_spaces(ctx: CoupleContext, hx: Any) -> list[Space]:
     """The last dim of the state input(s): ``hx``, or ``h`` and ``c`` (a tuple/list node or a
     list of two nodes); none when the state is omitted."""
     if hx is None:
@@ -124,7 +125,6 @@ class AtenRNNInputRule(OpRule):
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x, params = ctx.arg(0, "input"), ctx.arg(2, "params")
-        has_biases = bool(ctx.value(ctx.arg(3, "has_biases")))
         bidirectional = bool(ctx.value(ctx.arg(7, "bidirectional")))
         sx = ctx.shape(x)
         if sx is None or not isinstance(params, (list, tuple)):

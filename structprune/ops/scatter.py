@@ -27,7 +27,6 @@ import torch.fx as fx
 
 from ..rules import Couple, CoupleContext, OpRule, Record, aten_ops, node_arg, op_name, register
 
-_ops, _arg = aten_ops, node_arg
 
 
 def _self(ctx: CoupleContext) -> Any:
@@ -48,7 +47,7 @@ def _is_bool(a: Any) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype == torch.bool
 
 
-@register(*_ops("index.Tensor", "_unsafe_index.Tensor"))
+@register(*aten_ops("index.Tensor", "_unsafe_index.Tensor"))
 class IndexRule(OpRule):
     """``x[idx]``, ``x[:, idx]``, ``x[mask]`` (``aten.index(x, [None, idx])``): the dims the
     indices pick from are replaced by the indices' broadcast shape; every other dim of ``x``
@@ -132,7 +131,7 @@ def getitem_indices(ctx: CoupleContext, index: Any, ndim: int) -> Optional[list[
     return out
 
 
-@register(*_ops("scatter_add.default", "scatter_add_.default", "scatter.src", "scatter_.src",
+@register(*aten_ops("scatter_add.default", "scatter_add_.default", "scatter.src", "scatter_.src",
                 "scatter.value", "scatter_.value", "scatter.reduce", "scatter_.reduce",
                 "scatter.value_reduce", "scatter_.value_reduce", "scatter_reduce.two",
                 "scatter_reduce_.two", "gather.default"),
@@ -154,9 +153,9 @@ class ScatterRule(OpRule):
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         node = ctx.node
         x, dim, index = _self(ctx), ctx.value(ctx.arg(1, "dim")), ctx.arg(2, "index")
-        src = _arg(node, 3, "src")
+        src = node_arg(node, 3, "src")
         if src is None:
-            src = _arg(node, 3, "value")
+            src = node_arg(node, 3, "value")
         sx, si, so = ctx.shape(x), ctx.shape(index), ctx.out_shape
         if sx is None or si is None or so is None or not isinstance(dim, int):
             return
@@ -175,7 +174,7 @@ class ScatterRule(OpRule):
                     yield Couple(ctx.space(a, d), ctx.out(d))
 
 
-@register(*_ops("index_add.default", "index_add_.default", "index_copy.default",
+@register(*aten_ops("index_add.default", "index_add_.default", "index_copy.default",
                 "index_copy_.default", "index_reduce.default", "index_reduce_.default",
                 "index_fill.int_Scalar", "index_fill_.int_Scalar", "index_fill.int_Tensor",
                 "index_fill_.int_Tensor"),
@@ -190,7 +189,7 @@ class IndexAddRule(OpRule):
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x, dim = _self(ctx), ctx.value(ctx.arg(1, "dim"))
-        src = _arg(ctx.node, 3, "source")
+        src = node_arg(ctx.node, 3, "source")
         sx, so = ctx.shape(x), ctx.out_shape
         if sx is None or so is None or not isinstance(dim, int):
             return
