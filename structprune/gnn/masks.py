@@ -182,3 +182,240 @@ def count_macs(model: nn.Module, x: Tensor, edge_index: Tensor) -> int:
         for h in handles:
             h.remove()
     return total[0]
+
+
+# --- structured tickets: one mask per coupled channel unit ------------------------------------
+
+
+class ChannelUnits:
+    """The coupled channel units of ``model`` as structprune's engine finds them, with one mask
+    entry per unit (``find_ticket(structured=True)``).
+
+    ``sp.trace(model, (x, edge_index))`` (in eval mode) gives the groups; every unit of every
+    group gets one mask entry (a frozen dim is in no group, so it gets none). A unit's mask
+    multiplies the parameter slices that *produce* the unit (every parameter member of its group
+    except the ``"in"`` ones, which read it: a Linear's output rows and bias, a norm's scale and
+    shift, GAT's attention vectors) along the member's dim; where zeroing those is not exact (a
+    channel that is nonzero without its parameters, e.g. ``sigmoid(0)``), it multiplies every
+    parameter member, reading ones included. Which is exact is checked once, on ``(x,
+    edge_index)`` with every other unit dropped, against the physically pruned model (the
+    engine's ``Plan`` applied): zeroing the mask of a set of units must give the output of the
+    model with those units removed, else :class:`~structprune.errors.ModelError`.
+
+    Attributes:
+        pruner: the :class:`structprune.Pruner` whose graph holds the groups (its model is the
+            model given, traced on θ0; loading a state dict into the model updates the graph).
+        groups: ``{group id: number of units}``.
+        gates: ``{parameter name: [(dim, index, group id, unit), ...]}``, the slices a soft mask
+            multiplies during the mask search.
+        members: the same for every parameter member (what a removed unit takes away).
+        gate_roles: ``"producers"`` or ``"all members"`` (which set the check found exact).
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, edge_index: Tensor, tol: float = 1e-4) -> None:
+        from .. import Pruner
+        from ..errors import StructpruneError
+        from ..modes import eval_mode
+
+        name = type(model).__name__
+        with eval_mode(model):
+            try:
+                self.pruner = Pruner(model, (x, edge_index))
+                graph = self.pruner.graph
+            except StructpruneError as exc:
+                first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                raise ModelError(
+                    f"find_ticket(structured=True): structprune cannot trace {name} on (data.x, "
+                    f"data.edge_index) to find its channel units ({type(exc).__name__}: {first}); "
+                    f"use structured=False (one mask per weight), or make the model traceable"
+                ) from exc
+        self.model = model
+        self.x, self.edge_index = x, edge_index
+        named = dict(model.named_parameters())
+        self.groups = {g.id: g.num_units for g in graph.groups() if g.num_units > 1}
+        self.gates: dict[str, list] = {}
+        self.members: dict[str, list] = {}
+        for g in graph.groups():
+            if g.id not in self.groups:
+                continue
+            for m in g.params:
+                if m.qualname not in named:  # a buffer (running statistics) or a lifted constant
+                    continue
+                entry = (m.dim, m.index, g.id, m.unit)
+                self.members.setdefault(m.qualname, []).append(entry)
+                if m.role != "in":
+                    self.gates.setdefault(m.qualname, []).append(entry)
+        if not self.members:
+            frozen = "; ".join(f"{e.node}: {e.reason}" for e in graph.frozen()[:2])
+            raise ModelError(
+                f"find_ticket(structured=True): {name} has no prunable channel unit (structprune "
+                f"found no group with 2 or more units whose parameters it could slice; "
+                f"{frozen or 'every dim is tied to the inputs or outputs'}); use structured=False"
+            )
+        self.gate_roles = self._check_exact(tol)
+
+    @property
+    def total(self) -> int:
+        """Channel units over all groups."""
+        return sum(self.groups.values())
+
+    def ones(self, device=None) -> dict[int, Tensor]:
+        """Every unit kept: ``{group id: bool tensor of ones}``."""
+        return {g: torch.ones(n, dtype=torch.bool, device=device) for g, n in self.groups.items()}
+
+    def gated(self, named: dict[str, Tensor], unit_masks: dict[int, Tensor],
+              which: str | None = None) -> dict[str, Tensor]:
+        """``{parameter name: parameter ⊙ its units' masks}`` for every gated parameter; a unit's
+        mask value multiplies its slices (``which``: ``"producers"`` or ``"all members"``;
+        default: the exact set the check chose)."""
+        table = self.gates if (which or self.gate_roles) == "producers" else self.members
+        out = {}
+        for pname, entries in table.items():
+            p = named[pname]
+            for dim, index, gid, unit in entries:
+                mask = unit_masks[gid].to(p.dtype)
+                factor = torch.ones(p.shape[dim], dtype=p.dtype, device=p.device)
+                factor = factor.index_copy(0, index.to(p.device), mask[unit.to(mask.device)])
+                shape = [1] * p.dim()
+                shape[dim] = -1
+                p = p * factor.view(shape)
+            out[pname] = p
+        return out
+
+    def weight_masks(self, alive: dict[int, Tensor], which: str = "all members") -> dict[str, Tensor]:
+        """``{parameter name: bool}``: True where the entry survives physical pruning of the
+        units ``alive`` marks False. ``which="all members"``: over every parameter of the model;
+        ``"gates"``: only the parameters and slices the soft masks scale (the exact set the
+        check chose), for the fixed-mask training."""
+        out = {}
+        table = self.members if which == "all members" else (
+            self.gates if self.gate_roles == "producers" else self.members)
+        params = self.model.named_parameters() if which == "all members" else (
+            (n, p) for n, p in self.model.named_parameters() if n in table)
+        for pname, p in params:
+            keep = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+            for dim, index, gid, unit in table.get(pname, ()):
+                gone = index[~alive[gid][unit.to(alive[gid].device)].cpu()]
+                if gone.numel():
+                    keep.index_fill_(dim, gone.to(p.device), False)
+            out[pname] = keep
+        return out
+
+    def plan(self, alive: dict[int, Tensor]):
+        """The engine's :class:`~structprune.Plan` that removes the units ``alive`` marks False."""
+        from ..plan import Plan
+
+        drops = {g: (~a).nonzero().flatten().cpu() for g, a in alive.items() if not bool(a.all())}
+        return Plan(self.pruner.graph, drops)
+
+    def apply(self, alive: dict[int, Tensor]) -> nn.Module:
+        """The physically smaller model (the engine's plan applied to the model's *current*
+        weights), in eval mode."""
+        from ..modes import eval_mode
+
+        with eval_mode(self.model):
+            pruned = self.pruner.apply(self.plan(alive))
+        return pruned.eval()
+
+    def _check_exact(self, tol: float) -> str:
+        """Which parameter slices to scale so that a zero mask equals removing the unit:
+        ``"producers"`` if zeroing those reproduces the physically pruned model, else ``"all
+        members"`` if zeroing every member does; otherwise refuse."""
+        from ..oracle import max_rel_diff
+
+        alive = {g: torch.arange(n) % 2 == 0 for g, n in self.groups.items()}  # drop every other
+        pruned = self.apply(alive)
+        named = dict(self.model.named_parameters())
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                want = pruned(self.x, self.edge_index)
+                diffs = {}
+                for which in ("producers", "all members"):
+                    got = forward(self.model, self.x, self.edge_index, "edge_weight", None,
+                                  self.gated(named, alive, which))
+                    diffs[which] = max_rel_diff(got, want)
+                    if diffs[which] <= tol:
+                        return which
+        finally:
+            self.model.train(was)
+        raise ModelError(
+            f"find_ticket(structured=True): in {type(self.model).__name__}, zeroing the parameter "
+            f"slices of removed channel units does not reproduce the model with those units "
+            f"removed (largest relative difference {min(diffs.values()):.2e} > {tol:g}), so a "
+            f"channel mask of 0 would not mean 'removed'; use structured=False"
+        )
+
+
+def prune_lowest_units(scores: dict[int, Tensor], alive: dict[int, Tensor], rate: float) -> dict[int, Tensor]:
+    """Drop the ``int(n * rate) + 1`` channel units of smallest ``|score|`` among the ``n`` kept
+    ones, ranked globally over all groups (as UGS ranks its weights); ties by position (group
+    order, then unit). Every group keeps at least one unit: its largest-``|score|`` unit is never
+    a candidate, so when the count would empty a group the next smallest elsewhere goes instead
+    (and when only one unit per group is left, fewer are dropped). Returns the new ``alive``."""
+    gids = list(alive)
+    flat_alive = torch.cat([alive[g] for g in gids])
+    flat_scores = torch.cat([scores[g].detach().abs().to(torch.float64) for g in gids])
+    protected = torch.zeros_like(flat_alive)
+    start = 0
+    for g in gids:
+        a = alive[g]
+        idx = a.nonzero().flatten()
+        if idx.numel():
+            best = idx[torch.argmax(flat_scores[start:start + a.numel()][idx])]
+            protected[start + best] = True
+        start += a.numel()
+    n = int(flat_alive.sum())
+    k = int(n * rate) + 1
+    candidates = (flat_alive & ~protected).nonzero().flatten()
+    k = min(k, candidates.numel())
+    order = torch.sort(flat_scores[candidates], stable=True).indices
+    new = flat_alive.clone()
+    new[candidates[order[:k]]] = False
+    return dict(zip(gids, new.split([alive[g].numel() for g in gids])))
+
+
+_MESSAGE_OPS = ("scatter_add", "scatter_add_", "index_add", "index_add_", "scatter_reduce", "scatter_reduce_",
+                "index_reduce", "index_reduce_")
+
+
+def count_message_macs(model: nn.Module, x: Tensor, edge_index: Tensor) -> int:
+    """Multiply-accumulates of the message aggregations of one ``model(x, edge_index)`` as it
+    runs, on any model (a PyG module or a pruned ``fx.GraphModule`` of ATen ops alike): every
+    ``scatter_add`` / ``index_add`` / ``scatter_reduce`` / ``index_reduce`` whose source has two
+    or more dims (messages ``[E, C]``, not a degree count ``[E]``) counts its source's size (edges
+    incl. self-loops x width). Sparse-matrix products are not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    total = [0]
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket.__name__ in _MESSAGE_OPS:
+                src = args[3] if len(args) > 3 else kwargs.get("src", kwargs.get("source"))
+                if isinstance(src, Tensor) and src.dim() >= 2:
+                    total[0] += src.numel()
+            return func(*args, **kwargs)
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _Count():
+            model(x, edge_index)
+    finally:
+        model.train(was)
+    return total[0]
+
+
+def count_dense_macs(model: nn.Module, x: Tensor, edge_index: Tensor) -> int:
+    """structprune's MAC counter (:func:`structprune.macs.count_macs`: rule formulas for linears,
+    convs, norms; PyTorch's FLOP counter for the rest, which counts no scatter) on ``model``
+    traced on ``(x, edge_index)``."""
+    from .. import trace
+    from ..macs import count_macs as engine_macs
+    from ..modes import eval_mode
+
+    with eval_mode(model):
+        return int(engine_macs(trace(model, (x, edge_index))))

@@ -52,12 +52,24 @@ class Ticket:
             per-edge attribute sliced alike); ``model(data.x, data.edge_index)`` reproduces
             ``history[-1]["test_acc"]``.
         edge_mask: bool, one entry per column of the original ``data.edge_index`` (True = kept).
-        weight_masks: ``{parameter name: bool tensor}`` (True = kept).
+        weight_masks: ``{parameter name: bool tensor}`` (True = kept). After a structured
+            search: one mask over every parameter of the *original* model, False on the slices
+            the removed channel units took away (so ``weights_kept`` = the parameters of
+            ``model``).
         history: one dict per round: ``round``, ``graph_sparsity`` and ``weight_sparsity``
             (fractions pruned), ``edges_kept``, ``weights_kept``, ``val_acc`` and ``test_acc``
             (fractions, test at the best validation epoch), ``macs`` (of ``model`` on ``data``,
-            see :func:`structprune.gnn.masks.count_macs`), ``seconds``.
+            see :func:`structprune.gnn.masks.count_macs`), ``seconds``. A structured search
+            adds ``channels_kept`` / ``channel_sparsity`` (units over all groups) and counts
+            ``macs`` on the physically pruned model on the pruned graph as ``macs_dense``
+            (structprune's counter, :func:`structprune.gnn.masks.count_dense_macs`: linears,
+            norms) plus ``macs_messages`` (the aggregations,
+            :func:`structprune.gnn.masks.count_message_macs`); ``weight_sparsity`` is then the
+            fraction of *all* the model's parameters removed.
         init_state: θ0, the weights every round rewinds to (apply ``weight_masks`` to retrain).
+            After a structured search θ0 is the original (unpruned) model's.
+        channel_masks: structured search only: ``{group id: bool per unit}`` (True = kept), group
+            ids of ``sp.trace(model, (data.x, data.edge_index)).groups()``; ``None`` otherwise.
     """
 
     model: nn.Module
@@ -66,6 +78,7 @@ class Ticket:
     weight_masks: dict[str, Tensor]
     history: list[dict] = field(default_factory=list)
     init_state: dict[str, Tensor] = field(default_factory=dict)
+    channel_masks: dict[int, Tensor] | None = None
 
 
 def _check(data: Any, rounds: int, graph_rate: float, weight_rate: float, epochs: int) -> None:
@@ -164,6 +177,7 @@ def find_ticket(
     edge_route: str = "auto",
     weights: list[str] | None = None,
     noise: float = 1e-5,
+    structured: bool = False,
 ) -> Ticket:
     """Find a unified graph lottery ticket (UGS, ALGORITHMS.md §2.3) for node classification.
 
@@ -194,67 +208,114 @@ def find_ticket(
             treats normalisation and self-loops (self-loops a layer adds are never masked).
         weights: names of the parameters to mask; default every parameter with >= 2 dims.
         noise: the soft masks start at ``M ⊙ (1 + U(-noise, noise))`` (official ``all_one``).
+        structured: a structured ticket (not in the UGS paper): instead of one mask entry per
+            weight, one per coupled channel unit that structprune's engine finds
+            (``sp.trace(model, (data.x, data.edge_index)).groups()``; frozen dims get none),
+            shared by all the unit's members; see :class:`structprune.gnn.masks.ChannelUnits`
+            for how it scales the unit and the check that a mask of 0 equals removing it.
+            ``weight_rate`` is then the fraction of the kept channel units pruned per round,
+            ranked globally over all groups by ``|mask|`` (as UGS ranks weights), every group
+            keeping at least one unit; ``s2`` scales their L1 term. The rest (rounds, edge
+            mask, rewinding to θ0, best-validation snapshots) is as above. ``Ticket.model`` is
+            then the physically smaller model (the engine's ``Plan`` applied: a model of the
+            own class or an ``fx.GraphModule``, which runs on graphs of any size), and
+            ``history`` counts its MACs on the pruned graph.
 
     Returns:
         a :class:`Ticket`.
 
     Raises:
         ValueError: ``data`` lacks a needed attribute, a rate is outside (0, 1), or
-            rounds / epochs < 1.
+            rounds / epochs < 1, or ``weights`` is given with ``structured=True``.
         ModelError: the edge mask cannot reach the model by ``edge_route``, or does not change
-            its output, or ``weights`` names no parameter of the model.
+            its output, or ``weights`` names no parameter of the model; with ``structured=True``:
+            structprune cannot trace the model, finds no prunable channel unit, or zeroing a
+            unit's parameter slices does not equal removing it.
     """
     _check(data, rounds, graph_rate, weight_rate, epochs)
+    if structured and weights is not None:
+        raise ValueError("find_ticket(structured=True): weights= names parameters for per-weight masks; a "
+                         "structured search masks the channel units structprune finds (drop weights=, or "
+                         "use structured=False)")
     route = _masks.resolve_route(model, edge_route)
-    names = _masks.weight_names(model, weights)
-    named = dict(model.named_parameters())
-    x, ei, y = data.x, data.edge_index, data.y
+    x, ei = data.x, data.edge_index
     num_edges = ei.size(1)
     dtype = x.dtype if x.is_floating_point() else torch.float32
     theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _check_mask_reaches(model, x, ei, route, dtype)
+    # The weight side: per-weight masks ({parameter: bool}) or per-unit masks ({group id: bool}).
+    units = _masks.ChannelUnits(model, x, ei) if structured else None
+    if units is None:
+        named = dict(model.named_parameters())
+        alive_w = {n: torch.ones_like(named[n], dtype=torch.bool) for n in _masks.weight_names(model, weights)}
+    else:
+        alive_w = units.ones(ei.device)
 
     alive_g = torch.ones(num_edges, dtype=torch.bool, device=ei.device)
-    alive_w = {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}
-    total_w = sum(m.numel() for m in alive_w.values())
     history: list[dict] = []
-    state = theta0
+    state, pruned = theta0, None
     outer = _bar(rounds, "UGS rounds", progress)
     for r in range(1, rounds + 1):
         start = time.perf_counter()
         m_g, m_w = _search_masks(model, data, route, theta0, alive_g, alive_w, epochs, lr, weight_decay,
-                                 s1, s2, seed, noise, dtype, progress)
+                                 s1, s2, seed, noise, dtype, progress, units)
         alive_g = _masks.prune_lowest(m_g, alive_g, graph_rate)
-        flat = _masks.prune_lowest(torch.cat([m_w[n].flatten() for n in names]),
-                                   torch.cat([alive_w[n].flatten() for n in names]), weight_rate)
-        alive_w = dict(zip(names, (f.view_as(alive_w[n]) for n, f in zip(names, flat.split(
-            [alive_w[n].numel() for n in names])))))
-        val, test, state = train_ticket(model, data, alive_g, alive_w, theta0, epochs, lr, weight_decay, seed,
+        alive_w = _prune_weight_side(m_w, alive_w, weight_rate, units)
+        fixed = alive_w if units is None else units.weight_masks(alive_w, "gates")
+        val, test, state = train_ticket(model, data, alive_g, fixed, theta0, epochs, lr, weight_decay, seed,
                                         progress)
         model.load_state_dict(state)
-        kept_w = int(sum(int(m.sum()) for m in alive_w.values()))
-        kept_g = int(alive_g.sum())
-        history.append({
-            "round": r,
-            "graph_sparsity": 1.0 - kept_g / num_edges,
-            "weight_sparsity": 1.0 - kept_w / total_w,
-            "edges_kept": kept_g,
-            "weights_kept": kept_w,
-            "val_acc": val,
-            "test_acc": test,
-            "macs": _masks.count_macs(model, x, ei[:, alive_g]),
-            "seconds": time.perf_counter() - start,
-        })
-        outer.set_postfix(test=f"{test:.3f}", graph=f"{history[-1]['graph_sparsity']:.3f}",
-                          weights=f"{history[-1]['weight_sparsity']:.3f}")
+        row = {"round": r, "graph_sparsity": 1.0 - int(alive_g.sum()) / num_edges, "edges_kept": int(alive_g.sum())}
+        if units is None:
+            row.update(_weights_row(model, alive_w, x, ei[:, alive_g]))
+        else:
+            pruned = units.apply(alive_w)  # the physically smaller model, with this round's weights
+            row.update(_channels_row(units, pruned, alive_w, x, ei[:, alive_g]))
+        history.append({**row, "val_acc": val, "test_acc": test, "seconds": time.perf_counter() - start})
+        outer.set_postfix(test=f"{test:.3f}", graph=f"{row['graph_sparsity']:.3f}",
+                          weights=f"{row['weight_sparsity']:.3f}")
         outer.update()
     outer.close()
 
-    ticket_model = copy.deepcopy(model)
-    ticket_model.load_state_dict(state)
-    ticket_model.eval()
+    if units is None:
+        ticket_model = copy.deepcopy(model)
+        ticket_model.load_state_dict(state)
+        ticket_model.eval()
+        weight_masks, channel_masks = alive_w, None
+    else:
+        ticket_model, weight_masks, channel_masks = pruned, units.weight_masks(alive_w), alive_w
     model.load_state_dict(theta0)
-    return Ticket(ticket_model, prune_edges(data, alive_g), alive_g, alive_w, history, theta0)
+    return Ticket(ticket_model, prune_edges(data, alive_g), alive_g, weight_masks, history, theta0, channel_masks)
+
+
+def _prune_weight_side(m_w: dict, alive_w: dict, rate: float, units) -> dict:
+    """Prune ``int(n·rate) + 1`` of the ``n`` kept weights (ranked globally over all masked
+    parameters) or, with ``units``, of the kept channel units (globally over all groups)."""
+    if units is not None:
+        return _masks.prune_lowest_units(m_w, alive_w, rate)
+    names = list(alive_w)
+    flat = _masks.prune_lowest(torch.cat([m_w[n].flatten() for n in names]),
+                               torch.cat([alive_w[n].flatten() for n in names]), rate)
+    return {n: f.view_as(alive_w[n]) for n, f in zip(names, flat.split([alive_w[n].numel() for n in names]))}
+
+
+def _weights_row(model: nn.Module, alive_w: dict[str, Tensor], x: Tensor, kept_ei: Tensor) -> dict:
+    total = sum(m.numel() for m in alive_w.values())
+    kept = int(sum(int(m.sum()) for m in alive_w.values()))
+    return {"weight_sparsity": 1.0 - kept / total, "weights_kept": kept,
+            "macs": _masks.count_macs(model, x, kept_ei)}
+
+
+def _channels_row(units: "_masks.ChannelUnits", pruned: nn.Module, alive: dict[int, Tensor], x: Tensor,
+                  kept_ei: Tensor) -> dict:
+    total = sum(p.numel() for p in units.model.parameters())
+    kept_w = sum(p.numel() for p in pruned.parameters())
+    kept_c = int(sum(int(a.sum()) for a in alive.values()))
+    dense = _masks.count_dense_macs(pruned, x, kept_ei)
+    messages = _masks.count_message_macs(pruned, x, kept_ei)
+    return {"weight_sparsity": 1.0 - kept_w / total, "weights_kept": kept_w,
+            "channel_sparsity": 1.0 - kept_c / units.total, "channels_kept": kept_c,
+            "macs": dense + messages, "macs_dense": dense, "macs_messages": messages}
 
 
 def _check_mask_reaches(model: nn.Module, x: Tensor, ei: Tensor, route: str, dtype) -> None:
@@ -277,8 +338,11 @@ def _check_mask_reaches(model: nn.Module, x: Tensor, ei: Tensor, route: str, dty
 
 
 def _search_masks(model, data, route, theta0, alive_g, alive_w, epochs, lr, weight_decay, s1, s2, seed,
-                  noise, dtype, progress) -> tuple[Tensor, dict[str, Tensor]]:
-    """UGS's mask stage (``run_get_mask``): returns the soft masks at the best validation epoch."""
+                  noise, dtype, progress, units=None) -> tuple[Tensor, dict]:
+    """UGS's mask stage (``run_get_mask``): returns the soft masks at the best validation epoch.
+
+    ``alive_w`` is ``{parameter name: bool}`` (one mask entry per weight) or, with ``units`` (a
+    :class:`~structprune.gnn.masks.ChannelUnits`), ``{group id: bool}`` (one per channel unit)."""
     torch.manual_seed(seed)
     model.load_state_dict(theta0)
     named = dict(model.named_parameters())
@@ -289,10 +353,19 @@ def _search_masks(model, data, route, theta0, alive_g, alive_w, epochs, lr, weig
         m = binary + (2 * torch.rand(binary.shape, dtype=like_dtype, device=binary.device) - 1) * noise * binary
         return m.requires_grad_(True)
 
+    def w_dtype(key):
+        return dtype if units is not None else named[key].dtype
+
     fixed_g = alive_g.to(dtype)
-    fixed_w = {n: a.to(named[n].dtype) for n, a in alive_w.items()}
+    fixed_w = {n: a.to(w_dtype(n)) for n, a in alive_w.items()}
     m_g = soft(alive_g, dtype)
-    m_w = {n: soft(a, named[n].dtype) for n, a in alive_w.items()}
+    m_w = {n: soft(a, w_dtype(n)) for n, a in alive_w.items()}
+
+    def masked_params() -> dict[str, Tensor]:
+        if units is not None:
+            return units.gated(named, {g: m_w[g] * fixed_w[g] for g in m_w})
+        return {n: named[n] * m_w[n] * fixed_w[n] for n in m_w}
+
     opt = torch.optim.Adam(list(model.parameters()) + [m_g] + list(m_w.values()), lr=lr,
                            weight_decay=weight_decay)
     best_val, best = -1.0, None
@@ -300,8 +373,7 @@ def _search_masks(model, data, route, theta0, alive_g, alive_w, epochs, lr, weig
     for _ in range(epochs):
         model.train()
         opt.zero_grad()
-        params = {n: named[n] * m_w[n] * fixed_w[n] for n in m_w}
-        out = _masks.forward(model, x, ei, route, m_g * fixed_g, params)
+        out = _masks.forward(model, x, ei, route, m_g * fixed_g, masked_params())
         F.cross_entropy(out[data.train_mask], y[data.train_mask]).backward()
         with torch.no_grad():
             for m, scale in [(m_g, s1)] + [(m, s2) for m in m_w.values()]:
@@ -311,8 +383,7 @@ def _search_masks(model, data, route, theta0, alive_g, alive_w, epochs, lr, weig
         opt.step()
         model.eval()
         with torch.no_grad():
-            params = {n: named[n] * m_w[n] * fixed_w[n] for n in m_w}
-            out = _masks.forward(model, x, ei, route, m_g * fixed_g, params)
+            out = _masks.forward(model, x, ei, route, m_g * fixed_g, masked_params())
         val = _accuracy(out, y, data.val_mask)
         if val > best_val:
             best_val = val
