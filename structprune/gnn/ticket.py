@@ -178,6 +178,8 @@ def find_ticket(
     weights: list[str] | None = None,
     noise: float = 1e-5,
     structured: bool = False,
+    num_neighbors: list[int] | None = None,
+    batch_size: int | None = None,
 ) -> Ticket:
     """Find a unified graph lottery ticket (UGS, ALGORITHMS.md §2.3) for node classification.
 
@@ -220,18 +222,39 @@ def find_ticket(
             then the physically smaller model (the engine's ``Plan`` applied: a model of the
             own class or an ``fx.GraphModule``, which runs on graphs of any size), and
             ``history`` counts its MACs on the pruned graph.
+        num_neighbors: train on neighbour-sampled mini-batches instead of the full graph (for
+            graphs too large for full-batch training): edges sampled per node at each hop
+            (``-1``: all), e.g. ``[15, 10]``; the edge mask stays one entry per column of
+            ``edge_index``. See :mod:`structprune.gnn.minibatch` (``history`` then has no
+            ``macs``, and has ``edges_sampled``).
+        batch_size: seed nodes per mini-batch (default 1024; only with ``num_neighbors``).
 
     Returns:
         a :class:`Ticket`.
 
     Raises:
         ValueError: ``data`` lacks a needed attribute, a rate is outside (0, 1), or
-            rounds / epochs < 1, or ``weights`` is given with ``structured=True``.
+            rounds / epochs < 1, or ``weights`` is given with ``structured=True``, or
+            ``batch_size`` without ``num_neighbors``, or ``num_neighbors`` with ``structured=True``.
         ModelError: the edge mask cannot reach the model by ``edge_route``, or does not change
             its output, or ``weights`` names no parameter of the model; with ``structured=True``:
             structprune cannot trace the model, finds no prunable channel unit, or zeroing a
             unit's parameter slices does not equal removing it.
     """
+    if num_neighbors is not None or batch_size is not None:
+        if num_neighbors is None:
+            raise ValueError("find_ticket: batch_size is for mini-batch training; also pass num_neighbors=[...] "
+                             "(e.g. [15, 10]), or drop batch_size for full-batch training")
+        if structured:
+            raise ValueError("find_ticket: structured=True has no mini-batch version yet; drop num_neighbors / "
+                             "batch_size (full-batch), or structured=True")
+        from . import minibatch
+
+        return minibatch.find_ticket(
+            model, data, num_neighbors=num_neighbors, batch_size=1024 if batch_size is None else batch_size,
+            rounds=rounds, graph_rate=graph_rate, weight_rate=weight_rate, epochs=epochs, lr=lr,
+            weight_decay=weight_decay, s1=s1, s2=s2, seed=seed, progress=progress, edge_route=edge_route,
+            weights=weights, noise=noise)
     _check(data, rounds, graph_rate, weight_rate, epochs)
     if structured and weights is not None:
         raise ValueError("find_ticket(structured=True): weights= names parameters for per-weight masks; a "

@@ -23,7 +23,7 @@ ALL = [-1, -1, -1]  # three full hops sample every edge of sbm() from any of its
 def run(**kw) -> "sp.gnn.Ticket":
     kw = {"rounds": ROUNDS, "epochs": EPOCHS, "lr": 0.05, "progress": False, "num_neighbors": NEIGHBORS,
           "batch_size": BATCH, **kw}
-    return mb.find_ticket(ugs_model(), sbm(), **kw)
+    return sp.gnn.find_ticket(ugs_model(), sbm(), **kw)  # num_neighbors: the mini-batch path
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +199,22 @@ def test_bad_num_neighbors_is_refused(bad):
 def test_bad_batch_size_is_refused(bad):
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         mb.find_ticket(ugs_model(), sbm(), num_neighbors=[2], batch_size=bad, rounds=1, epochs=1, progress=False)
+
+
+def test_public_find_ticket_dispatches_on_num_neighbors(ticket):
+    direct = mb.find_ticket(ugs_model(), sbm(), num_neighbors=NEIGHBORS, batch_size=BATCH, rounds=ROUNDS,
+                            epochs=EPOCHS, lr=0.05, progress=False)
+    assert torch.equal(direct.edge_mask, ticket.edge_mask)
+    assert [h["test_acc"] for h in direct.history] == [h["test_acc"] for h in ticket.history]
+    full = sp.gnn.find_ticket(ugs_model(), sbm(), rounds=1, epochs=1, progress=False)
+    assert "macs" in full.history[0] and "edges_sampled" not in full.history[0]
+    with pytest.raises(ValueError, match="batch_size is for mini-batch training; also pass num_neighbors"):
+        sp.gnn.find_ticket(ugs_model(), sbm(), batch_size=8, rounds=1, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="structured=True has no mini-batch version"):
+        sp.gnn.find_ticket(ugs_model(), sbm(), num_neighbors=[2], structured=True, rounds=1, epochs=1,
+                           progress=False)
+    with pytest.raises(ValueError, match="num_neighbors must be a non-empty list"):
+        sp.gnn.find_ticket(ugs_model(), sbm(), num_neighbors=[], rounds=1, epochs=1, progress=False)
 
 
 def test_other_refusals():
