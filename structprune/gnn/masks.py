@@ -232,7 +232,7 @@ class ChannelUnits:
         self.model = model
         self.x, self.edge_index = x, edge_index
         named = dict(model.named_parameters())
-        self.groups = {g.id: g.num_units for g in graph.groups() if g.num_units > 1}
+        self.groups = {g.id: g.num_units for g in graph.groups() if g.num_units > 1 and _channel_level(g)}
         self.gates: dict[str, list] = {}
         self.members: dict[str, list] = {}
         for g in graph.groups():
@@ -346,6 +346,13 @@ class ChannelUnits:
             f"removed (largest relative difference {min(diffs.values()):.2e} > {tol:g}), so a "
             f"channel mask of 0 would not mean 'removed'; use structured=False"
         )
+
+
+def _channel_level(group) -> bool:
+    """Whether every member of ``group`` is a channel dim (not a graph's node or edge dim)."""
+    from ..rules import Level
+
+    return all(getattr(m.space, "level", Level.CHANNEL) == Level.CHANNEL for m in group.members)
 
 
 def prune_lowest_units(scores: dict[int, Tensor], alive: dict[int, Tensor], rate: float) -> dict[int, Tensor]:

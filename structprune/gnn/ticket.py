@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -178,6 +178,7 @@ def find_ticket(
     weights: list[str] | None = None,
     noise: float = 1e-5,
     structured: bool = False,
+    on_round: Callable[[Ticket], Any] | None = None,
     num_neighbors: list[int] | None = None,
     batch_size: int | None = None,
 ) -> Ticket:
@@ -222,6 +223,9 @@ def find_ticket(
             then the physically smaller model (the engine's ``Plan`` applied: a model of the
             own class or an ``fx.GraphModule``, which runs on graphs of any size), and
             ``history`` counts its MACs on the pruned graph.
+        on_round: called after every round with the :class:`Ticket` as it stands then
+            (``model`` trained with that round's masks, ``data`` with its edges, ``history``
+            so far): checkpoints, per-round measurements; an exception it raises stops the search.
         num_neighbors: train on neighbour-sampled mini-batches instead of the full graph (for
             graphs too large for full-batch training): edges sampled per node at each hop
             (``-1``: all), e.g. ``[15, 10]``; the edge mask stays one entry per column of
@@ -298,17 +302,27 @@ def find_ticket(
         outer.set_postfix(test=f"{test:.3f}", graph=f"{row['graph_sparsity']:.3f}",
                           weights=f"{row['weight_sparsity']:.3f}")
         outer.update()
+        if on_round is not None:
+            on_round(_ticket(model, state, pruned, units, data, alive_g, alive_w, list(history), theta0))
     outer.close()
 
+    ticket = _ticket(model, state, pruned, units, data, alive_g, alive_w, history, theta0)
+    model.load_state_dict(theta0)
+    return ticket
+
+
+def _ticket(model, state, pruned, units, data, alive_g, alive_w, history, theta0) -> Ticket:
+    """The Ticket after a round: a copy of ``model`` at ``state`` (per-weight masks) or the
+    physically pruned model ``pruned`` (channel units)."""
     if units is None:
         ticket_model = copy.deepcopy(model)
         ticket_model.load_state_dict(state)
         ticket_model.eval()
-        weight_masks, channel_masks = alive_w, None
+        weight_masks, channel_masks = {n: m.clone() for n, m in alive_w.items()}, None
     else:
-        ticket_model, weight_masks, channel_masks = pruned, units.weight_masks(alive_w), alive_w
-    model.load_state_dict(theta0)
-    return Ticket(ticket_model, prune_edges(data, alive_g), alive_g, weight_masks, history, theta0, channel_masks)
+        ticket_model, weight_masks, channel_masks = pruned, units.weight_masks(alive_w), dict(alive_w)
+    return Ticket(ticket_model, prune_edges(data, alive_g), alive_g.clone(), weight_masks, history, theta0,
+                  channel_masks)
 
 
 def _prune_weight_side(m_w: dict, alive_w: dict, rate: float, units) -> dict:

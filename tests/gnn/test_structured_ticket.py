@@ -26,10 +26,14 @@ def ugs_model(seed: int = 0) -> nn.Module:
     return gnn_ugs.build(3, 3, hidden=HIDDEN)
 
 
+ROUND_TICKETS: list = []
+
+
 @pytest.fixture(scope="module")
 def ticket():
+    ROUND_TICKETS.clear()
     return sp.gnn.find_ticket(ugs_model(), sbm(), rounds=ROUNDS, epochs=EPOCHS, lr=0.05, progress=False,
-                              structured=True)
+                              structured=True, on_round=ROUND_TICKETS.append)
 
 
 def accuracy(out, data, mask):
@@ -72,6 +76,19 @@ def test_ticket_model_is_smaller_and_reproduces_the_last_accuracy(ticket):
         out = ticket.model(d.x, d.edge_index)
     assert accuracy(out, d, d.test_mask) == ticket.history[-1]["test_acc"]
     assert accuracy(out, d, d.val_mask) == ticket.history[-1]["val_acc"]
+
+
+def test_on_round_sees_each_round_s_physical_ticket(ticket):
+    assert [len(t.history) for t in ROUND_TICKETS] == list(range(1, ROUNDS + 1))
+    for t in ROUND_TICKETS:
+        h = t.history[-1]
+        assert sum(p.numel() for p in t.model.parameters()) == h["weights_kept"]
+        assert int(t.edge_mask.sum()) == h["edges_kept"] == t.data.edge_index.size(1)
+        with torch.no_grad():
+            out = t.model(t.data.x, t.data.edge_index)
+        assert accuracy(out, t.data, t.data.test_mask) == h["test_acc"]
+    assert ROUND_TICKETS[-1].history == ticket.history
+    assert torch.equal(ROUND_TICKETS[-1].edge_mask, ticket.edge_mask)
 
 
 def test_ticket_model_runs_on_another_graph_size(ticket):
