@@ -252,6 +252,9 @@ def find_ticket(
         if structured:
             raise ValueError("find_ticket: structured=True has no mini-batch version yet; drop num_neighbors / "
                              "batch_size (full-batch), or structured=True")
+        if on_round is not None:
+            raise ValueError("find_ticket: on_round has no mini-batch version yet; drop num_neighbors / "
+                             "batch_size (full-batch), or on_round")
         from . import minibatch
 
         return minibatch.find_ticket(

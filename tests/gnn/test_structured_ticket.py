@@ -237,3 +237,9 @@ class _NoHidden(nn.Module):
 def test_refusals(model, kw, err, match):
     with pytest.raises(err, match=match):
         sp.gnn.find_ticket(model(), sbm(), rounds=1, epochs=1, progress=False, structured=True, **kw)
+
+
+def test_on_round_with_mini_batches_is_refused():
+    with pytest.raises(ValueError, match="on_round has no mini-batch version"):
+        sp.gnn.find_ticket(ugs_model(), sbm(), rounds=1, epochs=1, progress=False, num_neighbors=[5],
+                           on_round=print)
