@@ -12,7 +12,10 @@ when matplotlib is installed).
 their official hyperparameters (§2.6; seed 666); the GAT's graph gets one self-loop per node
 appended (``gnn_ugs.with_self_loops``) so its edge mask has the official length E + N; GIN's
 weight masks sit on its two GIN linears only (``model.ugs_weights``). Outputs then go to
-``ugs_<dataset>_<model>``. ``--fast``: the same models computed transform-first with a sparse
+``ugs_<dataset>_<model>``. Both get ``set_full_graph(data.edge_index)``, so the fixed-mask
+stages (which ``find_ticket`` runs on the graph without the pruned edges) keep the pruned edges as
+zero-masked edges, as the official binary masks do (GIN's mean still counts them, GAT's quirk
+still gives them logit 0). ``--fast``: the same models computed transform-first with a sparse
 CSR ``x``, sparse-matrix aggregation and ``torch.rand`` dropout (``models/gnn_ugs.py``; equal up
 to rounding, a different dropout stream); outputs get a ``_fast`` suffix.
 
@@ -121,6 +124,8 @@ def run(dataset: str, rounds: int, seeds: int, epochs: int, progress: bool, root
         seed = hp["seed"] + i
         torch.manual_seed(seed)
         model = build_model(model_name, data.num_features, int(data.y.max()) + 1, fast).to(device)
+        if model_name != "gcn":  # fixed-mask stages: pruned edges masked to 0 on the full graph, as official
+            model.set_full_graph(data.edge_index)
         theta0 = {k: v.clone() for k, v in model.state_dict().items()}
         names = list(getattr(model, "ugs_weights", [n for n, p in model.named_parameters() if p.dim() >= 2]))
         ones_w = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n in names}

@@ -1,5 +1,7 @@
-"""The GCN of the unified graph lottery ticket paper (UGS / GLT): Chen, Sui, Chen, Zhang, Wang,
-"A Unified Lottery Ticket Hypothesis for Graph Neural Networks" (ICML 2021).
+"""The GCN, GIN and GAT of the unified graph lottery ticket paper (UGS / GLT): Chen, Sui, Chen,
+Zhang, Wang, "A Unified Lottery Ticket Hypothesis for Graph Neural Networks" (ICML 2021).
+
+GCN (``build``, ``build_fast``, :class:`UGSGCN`):
 
 Layout as in ALGORITHMS.md §2.4 of the shared design docs (official code:
 VITA-Group/Unified-LTH-GNN, ``NodeClassification/net.py`` ``net_gcn`` and
@@ -41,6 +43,45 @@ reaches ``W``, not ``x``), aggregate-first densifies it first (``x.to_dense()``;
   by ``torch.rand`` (``F.dropout``'s ``bernoulli_`` is 4-5x slower on CPU). The random stream
   differs, so a seeded run of the fast model does not draw the same dropout masks as the official
   one; the model itself is the same.
+
+GIN (``ugs_gin``, :class:`UGSGIN`; official ``gnns/gin_net.py``, ``gin_layer.py``, ALGORITHMS.md
+§2.5): 2 layers ``h <- dropout(relu(Linear((1 + eps_l) h + mean_{j->i}(m_e h_j))), 0.5)``,
+bias-free Linears 1433-512 and 512-7, ``eps_l`` learnable from 0, no input dropout, output
+``(linears_prediction(h1) + h2) / 2`` (``linears_prediction`` 512-7, bias-free). As in the
+official code the ReLU and dropout also follow the second layer (its 7 class scores). The mean
+divides by the number of edges passed into a node, whatever their mask (DGL's ``fn.mean`` over
+``src_mul_edge`` messages), a node without in-edges gets 0. The edge mask is ``edge_weight``
+(one entry per directed edge, no self-loops). Official weight masks: the two GIN linears only
+(``UGSGIN.ugs_weights``; pass them as ``find_ticket(weights=...)``).
+
+GAT (``ugs_gat``, :class:`UGSGAT`; official ``gnns/gat_net.py``, ``gat_layer.py``): layer 1 has 8
+heads x 512 (``fc1`` = the 8 heads' bias-free ``fc`` stacked, head ``k`` = rows ``512k..``;
+``attn1[k]`` = head ``k``'s ``attn_fc`` weight ``[a_src || a_dst]``), concatenated to 4096,
+attention dropout 0.6, then ELU and dropout 0.6; layer 2 is one head 4096-7 without any dropout;
+no input dropout. ``e_(j->i) = leaky_relu(a . [z_j || z_i])`` with slope **0.01** (the official
+``F.leaky_relu`` default, not the GAT paper's 0.2); the logit ``e`` is computed as
+``a_src . z_j + a_dst . z_i`` (equal to the concatenation in exact arithmetic). Edge mask: the
+official mask has ``E + N`` entries, the graph's edges then one self-loop per node, all masked and
+pruned. Here ``edge_weight`` has one entry per column of ``edge_index``: with
+``self_loops="given"`` and :func:`with_self_loops` data that is exactly the official ``E + N``
+layout; with ``self_loops="add"`` (default) the model appends one self-loop of weight 1 per node,
+never masked (the GCN's convention), and the mask covers the ``E`` graph edges only. **Quirk
+(default)**: the mask multiplies the logit before the softmax, so a pruned edge gets logit 0 (not
+-inf) and still passes its message. ``clean=True``: attention ``m exp(e) / sum m exp(e)``, so a
+zero mask removes the edge exactly (equal to deleting it) and a soft mask reweights it. Weight
+masks: ``fc1``, ``attn1``, ``fc2``, ``attn2`` (every parameter; the official ``fc`` and
+``attn_fc`` of every head).
+
+Deviations from the official GIN / GAT code, all deliberate:
+- ``find_ticket``'s fixed-mask stage trains on the graph with the pruned edges removed. For GIN's
+  mean and GAT's quirk that differs from the official binary mask on the full graph, so both
+  models have ``set_full_graph(edge_index)``: afterwards a subset of that graph runs as the full
+  graph with the missing edges masked to 0 (the official semantics, in every stage).
+- The official GIN / GAT training loop calls ``net.eval()`` each epoch and never ``net.train()``
+  again, so dropout is active only in the first epoch of each stage; ``find_ticket`` trains with
+  dropout in every epoch (as the official GCN does). Not reproduced on purpose.
+- DGL's edge order and per-head modules are replaced by PyG's ``edge_index`` columns and stacked
+  weights; initialisation follows ``nn.Linear``'s default per head (same distribution).
 """
 
 from __future__ import annotations
@@ -307,7 +348,45 @@ def with_self_loops(data: Any) -> Any:
     return out
 
 
-class UGSGIN(nn.Module):
+class _FullGraph:
+    """``set_full_graph(edge_index)``: later calls whose ``edge_index`` is a subset of that graph
+    (a ticket's graph with the pruned edges removed) run on the full graph with the missing edges
+    masked to 0, as the official code's fixed-mask stage does (binary masks, nothing removed).
+    Matters where a masked edge still counts: GIN's mean denominator, GAT's logit quirk."""
+
+    full_graph: Tensor | None = None
+
+    def set_full_graph(self, edge_index: Tensor | None) -> None:
+        """Make ``edge_index`` the graph every call runs on (``None`` clears it)."""
+        if edge_index is None:
+            self.full_graph = self._full_keys = None
+            return
+        n = int(edge_index.max()) + 1 if edge_index.numel() else 1
+        keys = edge_index[0] * n + edge_index[1]
+        sorted_keys, order = torch.sort(keys)
+        if bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+            raise ValueError(f"{type(self).__name__}.set_full_graph: edge_index has duplicate edges, so a "
+                             f"subset of it does not say which copy was kept; pass a graph without duplicates")
+        self.full_graph, self._full_keys, self._full_n = edge_index, (sorted_keys, order), n
+
+    def _on_full_graph(self, edge_index: Tensor, edge_weight: Tensor | None, dtype) -> tuple[Tensor, Tensor | None]:
+        full = self.full_graph
+        if full is None or (edge_index.shape == full.shape and (edge_index is full or torch.equal(edge_index, full))):
+            return edge_index, edge_weight
+        sorted_keys, order = self._full_keys
+        n = self._full_n
+        keys = edge_index[0] * n + edge_index[1]
+        pos = torch.searchsorted(sorted_keys, keys).clamp_max(sorted_keys.numel() - 1)
+        if edge_index.numel() and (int(edge_index.max()) >= n or not bool((sorted_keys[pos] == keys).all())):
+            raise ValueError(f"{type(self).__name__}: edge_index holds an edge that is not in the graph given to "
+                             f"set_full_graph; pass a subset of that graph, or call set_full_graph(None)")
+        w = torch.ones(edge_index.size(1), dtype=dtype, device=edge_index.device) if edge_weight is None \
+            else edge_weight.to(dtype)
+        full_w = torch.zeros(full.size(1), dtype=dtype, device=full.device).index_add(0, order[pos], w)
+        return full, full_w
+
+
+class UGSGIN(_FullGraph, nn.Module):
     """UGS's GIN (official ``gnns/gin_net.py`` / ``gin_layer.py``, DGL): two layers of
     ``h <- dropout(relu(Linear((1 + eps) h + mean_{j->i}(m_e h_j))))`` (bias-free Linears, eps
     learnable from 0, one per layer), output ``(linears_prediction(h1) + h2) / 2``. The mean divides
@@ -331,6 +410,7 @@ class UGSGIN(nn.Module):
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
         if _is_sparse(x) and self.order == "aggregate":
             x = x.to_dense()
+        edge_index, edge_weight = self._on_full_graph(edge_index, edge_weight, x.dtype)
         n, dst = x.size(0), edge_index[1]
         ones = torch.ones(edge_index.size(1), dtype=x.dtype, device=edge_index.device)
         indeg = scatter(ones, dst, dim=0, dim_size=n, reduce="sum")  # every passed edge counts
@@ -348,7 +428,7 @@ class UGSGIN(nn.Module):
         return (self.linears_prediction(reps[0]) + reps[1]) / 2
 
 
-class UGSGAT(nn.Module):
+class UGSGAT(_FullGraph, nn.Module):
     """UGS's GAT (official ``gnns/gat_net.py`` / ``gat_layer.py``, DGL): layer 1 has ``heads``
     heads of ``hidden`` channels (concatenated), attention dropout 0.6, then ELU and dropout 0.6;
     layer 2 one head to the classes, no dropout. Per head: ``z = fc(h)`` (bias-free),
@@ -404,6 +484,7 @@ class UGSGAT(nn.Module):
                           for k in range(heads)], dim=-1)
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
+        edge_index, edge_weight = self._on_full_graph(edge_index, edge_weight, x.dtype)
         if self.self_loops == "add":
             n = x.size(0)
             if edge_weight is None:

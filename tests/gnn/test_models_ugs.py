@@ -264,3 +264,29 @@ def test_gat_spmm_equals_messages_and_official_shapes():
         assert_same(outputs_and_grads(ref, x, ei, w), outputs_and_grads(fast, gnn_ugs.sparse_features(x), ei, w))
     shapes = {n: tuple(p.shape) for n, p in gnn_ugs.ugs_gat(1433, 7).named_parameters()}
     assert shapes == {"fc1.weight": (4096, 1433), "attn1": (8, 1024), "fc2.weight": (7, 4096), "attn2": (1, 14)}
+
+
+@pytest.mark.parametrize("make", [lambda: gnn_ugs.ugs_gin(12, 4, hidden=8),
+                                  lambda: gnn_ugs.ugs_gat(12, 4, hidden=8, heads=2)])
+def test_full_graph_runs_a_pruned_graph_as_the_official_binary_mask(make):
+    """After set_full_graph(E), a subset of E (a ticket's graph) runs as E with the missing edges
+    masked to 0: the official fixed-mask stage for GIN's denominator and GAT's logit quirk, where
+    removing the edges would differ. An edge outside E and a graph with duplicates are refused."""
+    x, ei = graph(loops=False, dup=False)
+    ei = torch.unique(ei, dim=1)
+    x = x.float()
+    torch.manual_seed(0)
+    model = make().eval()
+    keep = torch.rand(ei.size(1), generator=torch.Generator().manual_seed(3)) > 0.3
+    removed = model(x, ei[:, keep])
+    model.set_full_graph(ei)
+    masked = model(x, ei, keep.float())
+    torch.testing.assert_close(model(x, ei[:, keep]), masked)
+    assert not torch.allclose(removed, masked)
+    w = torch.rand(int(keep.sum()), requires_grad=True)
+    model(x, ei[:, keep], w).sum().backward()
+    assert w.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="set_full_graph"):
+        model(x, torch.tensor([[0, 1], [0, 1]]) if not bool(((ei[0] == 0) & (ei[1] == 0)).any()) else ei.flip(0))
+    with pytest.raises(ValueError, match="duplicate"):
+        model.set_full_graph(torch.cat([ei, ei[:, :1]], 1))
