@@ -459,29 +459,31 @@ class UGSGAT(_FullGraph, nn.Module):
             nn.init.uniform_(a, -bound, bound)
         self.propagate = EdgeSum(spmm=aggregation == "spmm")
 
-    def attention(self, z: Tensor, a: Tensor, edge_index: Tensor, mask: Tensor | None) -> Tensor:
-        """Per-edge, per-head attention ``(E, heads)`` of one layer (before attention dropout)."""
+    def attention(self, zt: Tensor, a: Tensor, edge_index: Tensor, mask: Tensor | None) -> Tensor:
+        """Per-edge, per-head attention ``(E, heads)`` of one layer (before attention dropout);
+        ``zt``: the transformed features per head, ``(heads, N, width)``."""
         src, dst = edge_index
-        width = z.size(-1)
-        e = F.leaky_relu((z * a[:, :width]).sum(-1)[src] + (z * a[:, width:]).sum(-1)[dst], self.negative_slope)
+        heads, n, width = zt.shape
+        scores = torch.bmm(zt, a.view(heads, 2, width).transpose(1, 2)).transpose(0, 1)  # (N, heads, 2)
+        e = F.leaky_relu(scores[:, :, 0][src] + scores[:, :, 1][dst], self.negative_slope)
         if mask is None:
-            return pyg_softmax(e, dst, num_nodes=z.size(0))
+            return pyg_softmax(e, dst, num_nodes=n)
         mask = mask.to(e.dtype).unsqueeze(-1)
         if not self.clean:
-            return pyg_softmax(e * mask, dst, num_nodes=z.size(0))
+            return pyg_softmax(e * mask, dst, num_nodes=n)
         # clean: alpha = m exp(e) / sum m exp(e); the shift is the max over edges with m != 0
-        shift = scatter(e.detach().masked_fill(mask == 0, float("-inf")), dst, dim=0, dim_size=z.size(0),
-                        reduce="max")
+        shift = scatter(e.detach().masked_fill(mask == 0, float("-inf")), dst, dim=0, dim_size=n, reduce="max")
         shift = shift.masked_fill(torch.isinf(shift), 0.0)
         num = mask * torch.exp(e - shift[dst])
-        den = scatter(num, dst, dim=0, dim_size=z.size(0), reduce="sum")
+        den = scatter(num, dst, dim=0, dim_size=n, reduce="sum")
         return num / den[dst].clamp_min(torch.finfo(e.dtype).tiny)
 
     def layer(self, h, fc, a, heads, width, edge_index, mask, p):
-        z = fc(h).view(-1, heads, width)
-        alpha = dropout(self.attention(z, a, edge_index, mask), p, self.training, self.fast_dropout)
-        return torch.cat([self.propagate(z[:, k].contiguous(), edge_index, alpha[:, k].contiguous())
-                          for k in range(heads)], dim=-1)
+        zt = fc(h).view(-1, heads, width).transpose(0, 1).contiguous()  # (heads, N, width)
+        alpha = dropout(self.attention(zt, a, edge_index, mask), p, self.training, self.fast_dropout)
+        per_head = torch.unbind(zt, 0)  # backward stacks once (indexing per head would zero-fill each time)
+        weights = torch.unbind(alpha.t().contiguous(), 0)
+        return torch.cat([self.propagate(zk, edge_index, wk) for zk, wk in zip(per_head, weights)], dim=-1)
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
         edge_index, edge_weight = self._on_full_graph(edge_index, edge_weight, x.dtype)
