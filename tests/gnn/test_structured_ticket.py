@@ -243,3 +243,26 @@ def test_on_round_with_mini_batches_is_refused():
     with pytest.raises(ValueError, match="on_round has no mini-batch version"):
         sp.gnn.find_ticket(ugs_model(), sbm(), rounds=1, epochs=1, progress=False, num_neighbors=[5],
                            on_round=print)
+
+
+def test_benchmark_picks_the_largest_mac_reduction_within_tolerance(ticket):
+    """benchmarks/ugs_structured.py: the pick and the markdown table, on this ticket's history."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "ugs_structured.py")
+    spec = importlib.util.spec_from_file_location("ugs_structured", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    hist = ticket.history
+    best_acc = max(h["test_acc"] for h in hist)
+    dense = {"test_acc": best_acc, "macs": 10 * hist[0]["macs"], "params": 1}
+    within = [h for h in hist if h["test_acc"] >= best_acc - 1e-9]
+    assert bench.pick(hist, dense, 0.0) == min(within, key=lambda h: h["macs"])
+    assert bench.pick(hist, {**dense, "test_acc": 2.0}, 0.005) is None
+    assert bench.pick(hist, {**dense, "test_acc": 0.0}, 0.005)["round"] == ROUNDS  # MACs fall every round
+    lat = {"dense": {"torch": {"median_ms": 2.0, "ratio_to_dense": 1.0}, "ort": {"median_ms": 3.0, "ratio_to_dense": 1.0}}}
+    md = bench.markdown({"dataset": "sbm", "model": "ugs", "hidden": HIDDEN, "rounds": ROUNDS, "epochs": EPOCHS,
+                         "graph_rate": 0.05, "weight_rate": 0.2, "hyperparameters": {}, "threads": 1, "torch": "",
+                         "loadavg_start": "", "macs_counted_by": "", "dense": dense, "history": hist,
+                         "best_round": None, "latency": lat})
+    assert md.count("\n| ") == ROUNDS + 2 + 2  # header + dense + rounds; latency header + dense
