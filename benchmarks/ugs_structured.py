@@ -206,6 +206,45 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def random_control(path: Path, rounds: list[int], threads: int) -> dict:
+    """Random structured tickets at the counts of ``rounds`` of the result in ``path``: random
+    channel units (the same number kept, ranked globally like the search: one random score per
+    unit, every group keeping one) and random edges (the same number), the same θ0 and the same
+    fixed-mask training; adds ``random`` rows to the result."""
+    from structprune.gnn import masks
+
+    torch.set_num_threads(threads)
+    r = json.loads(path.read_text())
+    data = planetoid.load(r["dataset"])
+    hp = r["hyperparameters"]
+    torch.manual_seed(hp["seed"])
+    model = build(r["model"], data.num_features, int(data.y.max()) + 1, r["hidden"])
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    units = masks.ChannelUnits(model, data.x, data.edge_index)
+    g = torch.Generator().manual_seed(hp["seed"])
+    scores = {gid: torch.rand(n, generator=g) for gid, n in units.groups.items()}
+    edge_scores = torch.rand(data.edge_index.size(1), generator=g)
+    rows = {int(k): v for k, v in r.get("random", {}).items()}
+    for k in rounds:
+        h = r["history"][k - 1]
+        alive = units.ones()
+        while sum(int(a.sum()) for a in alive.values()) > h["channels_kept"]:  # one unit at a time: exact
+            alive = masks.prune_lowest_units(scores, alive, 1e-9)
+        edges = torch.zeros_like(edge_scores, dtype=torch.bool)
+        edges[torch.argsort(edge_scores, descending=True)[:h["edges_kept"]]] = True
+        t = time.perf_counter()
+        val, test, _ = sp.gnn.train_ticket(model, data, edges, units.weight_masks(alive, "gates"), theta0,
+                                           r["epochs"], hp["lr"], hp["weight_decay"], hp["seed"])
+        rows[k] = {"round": k, "channels_kept": int(sum(int(a.sum()) for a in alive.values())),
+                   "edges_kept": int(edges.sum()), "val_acc": val, "test_acc": test,
+                   "seconds": time.perf_counter() - t, "loadavg": loadavg()}
+        print(f"random at round {k}: test {100 * test:.2f} (ticket {100 * h['test_acc']:.2f})", flush=True)
+        r["random"] = {str(j): v for j, v in sorted(rows.items())}
+        path.write_text(json.dumps(r, indent=1))
+        path.with_suffix(".md").write_text(markdown(r))
+    return r
+
+
 def markdown(r: dict) -> str:
     d = r["dense"]
     lines = [
@@ -219,17 +258,21 @@ def markdown(r: dict) -> str:
         "",
         f"MACs: {r['macs_counted_by']}.",
         "",
-        "| round | graph sparsity | channel sparsity (kept) | params | MACs (M) | of dense | test acc | vs dense |",
-        "|---|---|---|---|---|---|---|---|",
+        "| round | graph sparsity | channel sparsity (kept) | params | MACs (M) | of dense | test acc | vs dense "
+        "| random, same counts |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| dense | 0.00% | 0.00% ({r['hidden']}) | {d['params']:,} | {d['macs'] / 1e6:.1f} | 100.0% | "
-        f"{100 * d['test_acc']:.2f} | |",
+        f"{100 * d['test_acc']:.2f} | | |",
     ]
+    randoms = r.get("random", {})
     for h in r.get("history", []):
+        rnd = randoms.get(str(h["round"]))
+        rnd_acc = "" if rnd is None else f"{100 * rnd['test_acc']:.2f}"
         lines.append(
             f"| {h['round']} | {100 * h['graph_sparsity']:.2f}% | {100 * h['channel_sparsity']:.2f}% "
             f"({h['channels_kept']}) | {h['weights_kept']:,} | {h['macs'] / 1e6:.1f} | "
             f"{100 * h['macs'] / d['macs']:.1f}% | {100 * h['test_acc']:.2f} | "
-            f"{100 * (h['test_acc'] - d['test_acc']):+.2f} |")
+            f"{100 * (h['test_acc'] - d['test_acc']):+.2f} | {rnd_acc} |")
     if "latency" in r:
         best, tol = r["best_round"], 100 * r.get("tolerance", 0.005)
         lines += ["", (f"Largest MAC reduction within {tol:.1f} pt of dense: round {best}." if best is not None
@@ -273,7 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default=None, help="folder with <Name>/raw (default ../shared/data/planetoid)")
     p.add_argument("--suffix", default="", help="appended to the output file names")
     p.add_argument("--markdown-from", default=None, help="only re-render the markdown of this JSON result")
+    p.add_argument("--random-control", default=None,
+                   help="comma-separated rounds: train random structured tickets at their counts (needs "
+                        "--markdown-from)")
     args = p.parse_args(argv)
+    if args.random_control:
+        if not args.markdown_from:
+            p.error("--random-control needs --markdown-from RESULT.json (the counts come from it)")
+        random_control(Path(args.markdown_from), [int(k) for k in args.random_control.split(",")], args.threads)
+        return 0
     if args.markdown_from:
         r = json.loads(Path(args.markdown_from).read_text())
         Path(args.markdown_from).with_suffix(".md").write_text(markdown(r))

@@ -264,5 +264,7 @@ def test_benchmark_picks_the_largest_mac_reduction_within_tolerance(ticket):
     md = bench.markdown({"dataset": "sbm", "model": "ugs", "hidden": HIDDEN, "rounds": ROUNDS, "epochs": EPOCHS,
                          "graph_rate": 0.05, "weight_rate": 0.2, "hyperparameters": {}, "threads": 1, "torch": "",
                          "loadavg_start": "", "macs_counted_by": "", "dense": dense, "history": hist,
-                         "best_round": None, "latency": lat})
+                         "best_round": None, "latency": lat, "random": {"2": {"test_acc": 0.123}}})
     assert md.count("\n| ") == ROUNDS + 2 + 2  # header + dense + rounds; latency header + dense
+    row2 = next(line for line in md.splitlines() if line.startswith("| 2 |"))
+    assert row2.endswith("| 12.30 |") and md.count("12.30") == 1
