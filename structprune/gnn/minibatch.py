@@ -12,9 +12,9 @@ replaced by a pass over neighbour-sampled mini-batches:
   full-batch objective does.
 - **Edges a batch did not sample** get no loss gradient from it (exactly zero), but the L1 term
   and Adam's weight decay still act on them. An edge never sampled during the whole mask stage
-  is scored like an edge outside every training node's receptive field in full-batch UGS: only
-  the L1 term moves it, so its ``|m_g|`` drops towards 0 and it is among the first pruned. (With
-  ``s1 = 0`` and no weight decay it keeps its initial value exactly.) ``history`` reports how
+  is scored like an edge the training loss does not depend on in full-batch UGS: only the L1
+  term (and weight decay) moves it, by about ``lr`` per step towards 0, so it tends to be pruned
+  early. (With ``s1 = 0`` and no weight decay it keeps its initial value exactly.) ``history`` reports how
   many kept edges the mask stage sampled at least once (``edges_sampled``).
 - Counts stay exact: after each mask stage ``prune_lowest`` runs on the global masks, so every
   round prunes ``int(n·rate) + 1`` of the ``n`` kept edges / weights, as in the full-batch path.
@@ -28,12 +28,14 @@ replaced by a pass over neighbour-sampled mini-batches:
   path. :func:`evaluate` repeats it, so it reproduces a round's ``val_acc`` / ``test_acc``.
 
 Batches come from PyG's :class:`~torch_geometric.loader.NodeLoader` (the loader behind
-``NeighborLoader``: ``n_id``, ``e_id``, ``batch_size``, the node / edge attributes filtered by
-PyG's ``filter_data``) with :class:`UniformNeighborSampler`, a plain-torch sampler with the
+``NeighborLoader``: ``n_id``, ``e_id``, ``batch_size``, ``x`` and ``y`` gathered by PyG's
+``filter_data``) with :class:`UniformNeighborSampler`, a plain-torch sampler with the
 semantics of PyG's default ``NeighborSampler`` (directional, sampled without replacement,
-``num_neighbors[h]`` incoming edges of every node reached at hop ``h``, ``-1`` = all of them).
-PyG's own ``NeighborSampler`` needs ``pyg-lib`` or ``torch-sparse``; neither installs here against
-torch 2.13, and this sampler is seeded, so a run is reproducible.
+``num_neighbors[h]`` incoming edges of every node first reached at hop ``h``, the seeds being
+hop 0; ``-1`` = all of them).
+PyG's own ``NeighborSampler`` needs ``pyg-lib`` or ``torch-sparse``, compiled extensions that
+this project's environment does not have (pyg-lib is not on PyPI); this sampler needs neither, and
+is seeded, so a run is reproducible.
 
 With ``num_neighbors = [-1] * k``, ``k`` large enough that the sampled subgraph holds every edge,
 and ``batch_size >= train nodes`` (one batch), the mini-batch path computes the same losses,
