@@ -235,7 +235,8 @@ fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
 for ax, key, label in [(axes[0], "graph_sparsity", "graph sparsity (% of edges removed)"),
                        (axes[1], "weight_sparsity", "weight sparsity (% of weights removed)")]:
     xs = [0.0] + [100 * h[key] for h in ticket.history]
-    ax.plot(xs, [100 * dense_acc] + [100 * h["test_acc"] for h in ticket.history], "o-", label="UGS ticket (single weights)")
+    ax.plot(xs, [100 * dense_acc] + [100 * h["test_acc"] for h in ticket.history], "o-",
+            label="UGS ticket (single weights)")
     ax.plot(xs, [100 * dense_acc] + [100 * a for a in random_acc], "s--", label="random pruning")
     ax.plot([0.0] + [100 * h[key] for h in structured.history],
             [100 * dense_acc] + [100 * h["test_acc"] for h in structured.history], "^-.",
