@@ -28,8 +28,10 @@ Speed (``order=``, sparse ``x``): ``order="aggregate"`` (default) is the officia
 exact arithmetic (the product is associative) and agree to float rounding; transform-first
 passes 512-wide instead of 1433-wide messages on Cora, and the first layer's ``X W`` can use a
 sparse ``x`` (``torch.sparse`` COO or CSR; Cora's features are 98.7% zeros). A sparse ``x`` is
-accepted in both orders: transform-first multiplies it with ``torch.sparse.mm`` (its gradient
-reaches ``W``, not ``x``), aggregate-first densifies it first (``x.to_dense()``; no speed-up).
+accepted in both orders: transform-first multiplies it as a sparse product
+(:class:`SparseInputLinear`; its gradient reaches ``W``, not ``x``), aggregate-first densifies it
+first (``x.to_dense()``; no speed-up). GIN takes the same ``order=`` and sparse ``x``; GAT is
+transform-first by construction and takes a sparse ``x`` too.
 ``build_fast`` / ``sparse_features`` give the fast configuration, which also uses:
 
 - ``aggregation="spmm"``: the weighted sum over edges as a CSR sparse-matrix product
@@ -81,7 +83,8 @@ Deviations from the official GIN / GAT code, all deliberate:
   again, so dropout is active only in the first epoch of each stage; ``find_ticket`` trains with
   dropout in every epoch (as the official GCN does). Not reproduced on purpose.
 - DGL's edge order and per-head modules are replaced by PyG's ``edge_index`` columns and stacked
-  weights; initialisation follows ``nn.Linear``'s default per head (same distribution).
+  weights; initialisation follows ``nn.Linear``'s default per head (same distribution, other
+  draws). The official layers' unused BatchNorm modules (``batch_norm=False``) are left out.
 """
 
 from __future__ import annotations
