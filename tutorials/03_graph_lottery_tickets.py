@@ -193,7 +193,9 @@ print(f"ticket.model on ticket.data: test accuracy {acc:.3f} (reported {last['te
 # layer loses channels, so its MACs fall on any runtime, not only with sparse kernels. On Cora,
 # two rounds left `conv1` 30 of its 64 channels (53% of the parameters gone, 250.5M -> 117.4M
 # MACs) at 80.5% test accuracy, against 81.5% for per-weight UGS at about the same sparsity,
-# whose zeros a dense runtime still multiplies.
+# whose zeros a dense runtime still multiplies. Random channels may do as well: on the paper's
+# 512-wide GCN, `benchmarks/ugs_structured.py` found UGS's channel choice no better than random
+# channels at the same counts (`benchmarks/results/ugs_structured_notes.md`).
 
 # %%
 model.load_state_dict(theta0)  # the random baselines trained it; find_ticket starts from θ0 again
