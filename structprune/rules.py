@@ -218,6 +218,26 @@ class Freeze:
 
 
 @dataclass(frozen=True)
+class Address(Freeze):
+    """A :class:`Freeze` of rows picked by index *values*: the rows of ``space`` (along its dim)
+    are what the values of node ``index`` name (a gather's source, a scatter's target, the
+    positions ``arange`` counts). Channels: removing a row would shift every row after it, so it
+    is frozen. Graph units (:mod:`structprune.graph.units`): a one-way relation instead, the
+    rows are nodes the index refers to, and dropping one drops every index entry naming it."""
+
+    index: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SizeValue(Freeze):
+    """A :class:`Freeze` of a dim whose size node ``consumer`` uses as a value (``h.sum(-1) /
+    h.size(-1)``, a guard ``torch._assert(x.size(0) >= 2)``). Graph units drop it where the
+    consumer only checks the size (a guard raises on a graph it does not accept)."""
+
+    consumer: str = ""
+
+
+@dataclass(frozen=True)
 class Role:
     """Say what a parameter dim is to its op (``out``, ``in``, ``norm``, ``bias``), for scorers."""
 
@@ -238,7 +258,7 @@ class Choice:
     chosen: int = 0
 
 
-Record = Union[Couple, Freeze, Role, Choice]
+Record = Union[Couple, Freeze, Role, Choice]  # Address and SizeValue are Freezes
 
 
 RuleKey = Union[type, Callable[..., Any], str]  # a module class, a callable, or a method name
@@ -296,6 +316,13 @@ class OpRule:
     def macs(self, mctx: "MacContext") -> int:
         """Multiply-accumulates of one call given the shapes in ``mctx`` (default: 0)."""
         return 0
+
+    def graph_couple(self, ctx: "CoupleContext") -> Iterable[Record]:
+        """Records that hold where graph nodes and edges are units (:mod:`structprune.graph.units`)
+        besides :meth:`couple`'s: how an index tensor's entries map to the rows it produces
+        (``x[idx]``: result row k is index entry k). Channel pruning never reads them. The
+        example's tensor values are ``ctx.value(node)`` (a bool mask's positions). Default: none."""
+        return ()
 
 
 class Frozen(OpRule):

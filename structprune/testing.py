@@ -151,3 +151,15 @@ def assert_rule(model: nn.Module, example_inputs: Any, drop: Optional[dict] = No
     after = model.state_dict()
     assert all(torch.equal(before[k], v) for k, v in after.items()), "the input model changed"
     return pruned
+
+
+def assert_graph_oracle(model: nn.Module, data: Any, result: Any, tol: float = 1e-5) -> None:
+    """The graph-unit oracle for :func:`structprune.gnn.prune`'s ``result``: the pruned model on
+    the pruned graph equals ``model`` on ``data`` with the dropped edges (and every edge of a
+    dropped node) excluded from every aggregation and the dropped channels zeroed, on the kept
+    nodes' rows (see :func:`structprune.gnn.graph_oracle_diff`)."""
+    from .gnn.prune import graph_oracle_diff
+
+    d = graph_oracle_diff(model, data, result)
+    assert d <= tol, (f"graph oracle: the pruned model on the pruned graph differs from the "
+                      f"original with the dropped edges and channels excluded by {d:.3e}")

@@ -40,6 +40,11 @@ class FrozenEntry:
         return f"{self.node} ({self.op}): {self.reason}"
 
 
+#: Reasons of the freezes of the graph's inputs and outputs (graph units open them).
+INPUT_REASON = "graph input"
+OUTPUT_REASON = "graph output"
+
+
 def _spaces_of(node: fx.Node, shape: Any) -> list[tuple[Space, int]]:
     """``(space, size)`` of every dim of ``node``'s tensor, or of each tensor inside its
     tuple/list/dict output, at any depth."""
@@ -210,6 +215,7 @@ class DependencyGraph:
                           if n.op == "get_attr"}
         mentioned_params: set[Space] = set()
         exported = self.graph_module.meta.get("structprune_capture") == "export"
+        self.record_spans: dict[str, tuple[int, int]] = {}  # node -> its slice of records
         for n in self.graph_module.graph.nodes:
             recs = self._couple_node(n)
             if n.op == "call_module" and n.target in self._ignored:
@@ -219,6 +225,7 @@ class DependencyGraph:
                 recs += self._module_stack_freezes(n)
             mentioned = _mentioned(recs)
             mentioned_params |= {s for s in mentioned if s.is_param}
+            self.record_spans[n.name] = (len(self.records), len(self.records) + len(recs))
             self.records += recs
         for s in self.table.order:
             if s.is_param and s not in mentioned_params:
@@ -254,12 +261,12 @@ class DependencyGraph:
 
     def _couple_node(self, n: fx.Node) -> list[Record]:
         if n.op == "placeholder":
-            return [Freeze(s, "graph input") for s in self._node_spaces(n)]
+            return [Freeze(s, INPUT_REASON) for s in self._node_spaces(n)]
         if n.op == "output":
             recs: list[Record] = []
             for a in n.all_input_nodes:
                 spaces = self._node_spaces(a)
-                recs += [Freeze(s, "graph output") for s in spaces]
+                recs += [Freeze(s, OUTPUT_REASON) for s in spaces]
                 if spaces:
                     self._frozen.append(FrozenEntry(a.name, "output", "a model output keeps "
                                                     "its shape, and so does all it is tied to"))

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..rules import (Couple, CoupleContext, Freeze, OpRule, Record, Role, Space, aten_ops, extend,
+from ..rules import (Address, Couple, CoupleContext, Freeze, OpRule, Record, Role, Space, aten_ops, extend,
                      node_arg, op_name, register)
 from .attention import SDPARule
 from .conv import FunctionalConvRule, _conv_macs, conv_couplings
@@ -417,4 +417,20 @@ class AlongDimsRule(OpRule):
         else:
             dims = ctx.value(ctx.arg(1, "dims"))
         dims = {d % len(sx) for d in ([dims] if isinstance(dims, int) else dims)}
+        if name == "index_select":
+            index = ctx.arg(2, "index")
+            yield Address(ctx.space(x, min(dims)), f"rows along dim {min(dims)} are addressed by "
+                          f"the index values of {ctx.node.name}",
+                          index=index.name if isinstance(index, fx.Node) else None)
         yield from ctx.identity(x, ctx.node, [d for d in range(len(sx)) if d not in dims])
+
+    def graph_couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        """``index_select``: index entry k is the result's row k along ``dim``."""
+        if op_name(ctx.node.target) != "index_select" or ctx.out_shape is None:
+            return
+        dim, index = ctx.value(ctx.arg(1, "dim")), ctx.arg(2, "index")
+        si = ctx.shape(index)
+        if isinstance(dim, int) and si is not None and len(si) == 1:
+            dim %= len(ctx.out_shape)
+            if si[0] == ctx.out_shape[dim]:
+                yield Couple(ctx.space(index, 0), ctx.out(dim))

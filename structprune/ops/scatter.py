@@ -22,10 +22,12 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.fx as fx
 
-from ..rules import Couple, CoupleContext, OpRule, Record, aten_ops, node_arg, op_name, register
+from ..rules import (Address, Couple, CoupleContext, OpRule, Record, aten_ops, node_arg, op_name,
+                     register)
 
 
 
@@ -34,12 +36,22 @@ def _self(ctx: CoupleContext) -> Any:
     return ctx.arg(0, "self") if ctx.arg(0, "self") is not None else ctx.arg(0, "input")
 
 
-def _addressed(ctx: CoupleContext, x: Any, dim: int) -> Iterator[Record]:
-    """The dim of ``x`` and of the result that index *values* address stays whole: removing a
-    row would shift every row the index points to after it."""
+def _addressed(ctx: CoupleContext, x: Any, dim: int, index: Any, result: bool = True
+               ) -> Iterator[Record]:
+    """The dim of ``x`` (and of the result, for a scatter) that the values of ``index`` address
+    stays whole: removing a row would shift every row the index points to after it."""
     why = f"rows along dim {dim} are addressed by the index values of {ctx.node.name}"
-    yield from ctx.freeze(x, why, [dim])
-    yield from ctx.freeze(ctx.node, why, [dim])
+    name = index.name if isinstance(index, fx.Node) else None
+    for a in ([x, ctx.node] if result else [x]):
+        if ctx.shape(a) is not None:
+            yield Address(ctx.space(a, dim), why, index=name)
+
+
+def _rows(ctx: CoupleContext, a: Any, b: Any, da: int, db: int) -> Iterator[Record]:
+    """Row ``i`` of ``a`` along ``da`` is row ``i`` of ``b`` along ``db`` (graph units)."""
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    if sa is not None and sb is not None and len(sa) > da and len(sb) > db and sa[da] == sb[db]:
+        yield Couple(ctx.space(a, da), ctx.space(b, db))
 
 
 def _is_bool(a: Any) -> bool:
@@ -59,6 +71,11 @@ class IndexRule(OpRule):
         indices = ctx.arg(1, "indices")
         if isinstance(indices, (list, tuple)):
             yield from index_couplings(ctx, ctx.arg(0, "self"), list(indices))
+
+    def graph_couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        indices = ctx.arg(1, "indices")
+        if isinstance(indices, (list, tuple)):
+            yield from index_rows(ctx, ctx.arg(0, "self"), list(indices))
 
 
 def index_couplings(ctx: CoupleContext, x: Any, indices: list[Any]) -> Iterator[Record]:
@@ -101,10 +118,36 @@ def index_couplings(ctx: CoupleContext, x: Any, indices: list[Any]) -> Iterator[
         if n_index != expected:
             return
     at = first if adjacent else 0
+    if len(picked) == 1 and not _is_bool(indices[picked[0]]):
+        yield from _addressed(ctx, x, picked[0], indices[picked[0]], result=False)
     for j, xd in enumerate(kept):
         od = j if j < at else j + n_index
         if 0 <= od < len(so) and sx[xd] == so[od]:
             yield Couple(ctx.space(x, xd), ctx.out(od))
+
+
+def index_rows(ctx: CoupleContext, x: Any, indices: list[Any]) -> Iterator[Record]:
+    """Graph units of ``x[indices]`` with one index tensor at dim ``d`` (ATen's index list):
+    an integer index's entry k is the result's row k (its values address ``x``'s rows); a 1-D
+    bool mask's entry j is ``x``'s row j, kept rows land in order."""
+    picked = [k for k, t in enumerate(indices) if t is not None]
+    sx, so = ctx.shape(x), ctx.out_shape
+    if len(picked) != 1 or sx is None or so is None:
+        return
+    d, idx = picked[0], indices[picked[0]]
+    si = ctx.shape(idx)
+    if si is None or len(si) != 1 or len(so) != len(sx):
+        return
+    if not _is_bool(idx):
+        yield from _rows(ctx, idx, ctx.node, 0, d)
+        return
+    mask = ctx.value(idx)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.numel() != sx[d]:
+        return
+    yield from _rows(ctx, idx, x, 0, d)
+    pos = mask.nonzero().flatten().numpy()
+    if pos.size == so[d]:
+        yield Couple(ctx.space(x, d), ctx.out(d), pos, np.arange(pos.size))
 
 
 def getitem_indices(ctx: CoupleContext, index: Any, ndim: int) -> Optional[list[Any]]:
@@ -166,12 +209,25 @@ class ScatterRule(OpRule):
             return
         if gather:
             yield from ctx.identity(index, node, [dim])
+            yield from _addressed(ctx, x, dim, index, result=False)
         else:
-            yield from _addressed(ctx, x, dim)
+            yield from _addressed(ctx, x, dim, index)
         for d in range(len(so)):
             if d != dim and all(ctx.shape(a)[d] == so[d] for a in operands):
                 for a in operands:
                     yield Couple(ctx.space(a, d), ctx.out(d))
+
+    def graph_couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        """Index entry i along ``dim`` is source entry i (an edge's message); a scatter's row r of
+        ``self`` is the result's row r."""
+        x, dim, index = _self(ctx), ctx.value(ctx.arg(1, "dim")), ctx.arg(2, "index")
+        src = node_arg(ctx.node, 3, "src")
+        if ctx.shape(x) is None or not isinstance(dim, int):
+            return
+        dim %= len(ctx.shape(x))
+        if op_name(ctx.node.target) != "gather":
+            yield from _rows(ctx, x, ctx.node, dim, dim)
+            yield from _rows(ctx, index, src, dim, dim)
 
 
 @register(*aten_ops("index_add.default", "index_add_.default", "index_copy.default",
@@ -194,9 +250,19 @@ class IndexAddRule(OpRule):
         if sx is None or so is None or not isinstance(dim, int):
             return
         dim %= len(sx)
-        yield from _addressed(ctx, x, dim)
+        yield from _addressed(ctx, x, dim, ctx.arg(2, "index"))
         yield from ctx.identity(x, ctx.node, [d for d in range(len(so)) if d != dim])
         ss = ctx.shape(src)
         if ss is not None and len(ss) == len(so):
             yield from ctx.identity(src, ctx.node, [d for d in range(len(so))
                                                     if d != dim and ss[d] == so[d]])
+
+    def graph_couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        """Index entry i is slice i of ``source`` along ``dim``; row r of ``self`` is the
+        result's row r."""
+        x, dim = _self(ctx), ctx.value(ctx.arg(1, "dim"))
+        if ctx.shape(x) is None or not isinstance(dim, int):
+            return
+        dim %= len(ctx.shape(x))
+        yield from _rows(ctx, x, ctx.node, dim, dim)
+        yield from _rows(ctx, ctx.arg(2, "index"), node_arg(ctx.node, 3, "source"), 0, dim)

@@ -23,7 +23,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..rules import (Choice, Couple, CoupleContext, Freeze, OpRule, Record, Space, _REGISTRY,
+from ..rules import (Address, Choice, Couple, CoupleContext, Freeze, OpRule, Record, SizeValue,
+                     Space, _REGISTRY,
                      describe, op_name, register)
 from .elementwise import touch
 
@@ -366,7 +367,7 @@ def size_value_freezes(ctx: CoupleContext, x: fx.Node, deps: SizeDeps) -> Iterat
     are followed through pure scalar arithmetic; every use that is not a size argument (see
     ``size_args``) freezes the dims it depends on. Unknown ops count as value uses.
     """
-    why: dict[int, str] = {}
+    why: dict[int, tuple[str, str]] = {}
     todo, seen = [(ctx.node, deps)], set()
     while todo:
         v, dv = todo.pop()
@@ -379,11 +380,11 @@ def size_value_freezes(ctx: CoupleContext, x: fx.Node, deps: SizeDeps) -> Iterat
                 todo.append((u, du))
             elif not _is_size_argument(u, v):
                 for d in sorted(_flat(dv)):
-                    why.setdefault(d, f"the size of dim {d} of %{x.name} is used as a value by "
-                                      f"{describe(u)} (%{u.name}): pruning the dim would change "
-                                      f"that value")
-    for d, reason in sorted(why.items()):
-        yield Freeze(ctx.space(x, d), reason)
+                    why.setdefault(d, (f"the size of dim {d} of %{x.name} is used as a value by "
+                                       f"{describe(u)} (%{u.name}): pruning the dim would change "
+                                       f"that value", u.name))
+    for d, (reason, consumer) in sorted(why.items()):
+        yield SizeValue(ctx.space(x, d), reason, consumer=consumer)
 
 
 #: What each query reads: ``"dim"`` (the one dim asked for, or all as a tuple), ``"all"`` (a
@@ -474,10 +475,40 @@ class FactoryRule(OpRule):
 @register(torch.arange)
 class ArangeRule(OpRule):
     """``arange(n)``: its values are its positions (node ids, ``edge_index`` of self-loops), so
-    its dim stays whole; frozen with that reason rather than as an op without a rule."""
+    its dim stays whole; frozen with that reason rather than as an op without a rule. As graph
+    units, ``arange(x.size(d))`` counts the rows of ``x``'s dim ``d``: entry i is row i."""
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
-        yield from ctx.freeze(ctx.node, "arange's values are its positions: they stay whole")
+        if ctx.out_shape is not None and len(ctx.out_shape) == 1:
+            yield Address(ctx.out(0), "arange's values are its positions: they stay whole")
+
+    def graph_couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        so = ctx.out_shape
+        args = [a for a in ctx.node.args if a is not None]
+        if so is None or len(so) != 1 or not args or (len(args) > 1 and ctx.value(args[0]) != 0):
+            return
+        end = args[-1] if len(args) <= 2 else None
+        src = size_source(end)
+        if src is not None and ctx.shape(src[0]) is not None and ctx.shape(src[0])[src[1]] == so[0]:
+            yield Couple(ctx.out(0), ctx.space(src[0], src[1]))
+
+
+def size_source(a: Any) -> Optional[tuple[fx.Node, int]]:
+    """``(x, d)`` when node ``a`` is the size of dim ``d`` of tensor node ``x`` (``x.size(d)``,
+    ``aten.sym_size.int(x, d)``, ``x.shape[d]``), else None."""
+    if not isinstance(a, fx.Node):
+        return None
+    name = op_name(a.target) if a.op in ("call_function", "call_method") else ""
+    if name in ("size", "sym_size") and len(a.args) == 2 and isinstance(a.args[1], int):
+        return (a.args[0], a.args[1]) if isinstance(a.args[0], fx.Node) else None
+    if a.target is operator.getitem and isinstance(a.args[1], int):
+        base = a.args[0]
+        if (isinstance(base, fx.Node) and (
+                (base.op == "call_method" and base.target == "size" and len(base.args) == 1)
+                or (base.target is getattr and base.args[1] == "shape"))
+                and isinstance(base.args[0], fx.Node)):
+            return base.args[0], a.args[1]
+    return None
 
 
 @register(torch.cat, torch.concat, torch.concatenate)
@@ -637,6 +668,17 @@ class GetItemRule(OpRule):
                 start, stop = val
                 yield Couple(ctx.space(src, in_d), ctx.out(out_d), np.arange(start, stop),
                              np.arange(stop - start))
+
+    def graph_couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        """Graph units of a gather by a tensor index (see ``scatter.index_rows``)."""
+        src, index = ctx.node.args[0], ctx.node.args[1]
+        sx = ctx.shape(src)
+        if sx is not None and ctx.out_shape is not None and _has_tensor(ctx, index):
+            from .scatter import getitem_indices, index_rows
+
+            indices = getitem_indices(ctx, index, len(sx))
+            if indices is not None:
+                yield from index_rows(ctx, src, indices)
 
     def update(self, actx: Any) -> None:
         node = actx.node
