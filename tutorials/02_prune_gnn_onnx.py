@@ -193,10 +193,11 @@ print(f"ONNX ({res_graph.exporter}) of the pruned GAT on the pruned graph: max |
 # Prune the trained dense GAT at several ratios (whole heads: `ratio=0.25` keeps 6 of the 8),
 # and measure what each pruned model costs: parameters, MACs (structprune's count: the
 # multiply-adds of the linear layers), and the latency of one forward over the whole graph in
-# torch and in onnxruntime (1 thread, median of interleaved runs). Ratio 0 is the dense GAT as
-# structprune captured it (`sp.trace(gat, inputs).graph_module`), the same program the pruned
-# models are sliced copies of, and every ONNX file comes from the same exporter: each point
-# differs from the others only in what was pruned.
+# torch and in onnxruntime (1 thread, the fastest of interleaved runs: other jobs on the
+# machine only ever add time, so the minimum is the steadiest figure). Ratio 0 is the dense
+# GAT as structprune captured it (`sp.trace(gat, inputs).graph_module`), the same program the
+# pruned models are sliced copies of, and every ONNX file comes from the same exporter: each
+# point differs from the others only in what was pruned.
 
 # %%
 import onnxruntime as ort  # noqa: E402
@@ -232,7 +233,7 @@ with tempfile.TemporaryDirectory() as d:
                         row[key].append(1e3 * (time.perf_counter() - t0))
 for row in sweep:
     for key in ("torch", "onnxruntime"):
-        row[key] = sorted(row[key])[len(row[key]) // 2]
+        row[key] = min(row[key])
     print(f"ratio {row['ratio']:.2f}: {row['heads']} heads, params kept {row['params']:.2f}, "
           f"MACs kept {row['macs']:.2f}; latency: torch {row['torch']:.2f} ms, "
           f"onnxruntime {row['onnxruntime']:.2f} ms")
@@ -242,8 +243,8 @@ for row in sweep:
 # weights are most of the model), and latency falls with them but not as far, since part of
 # the time goes to work that does not shrink with the heads (the gathers and scatters over
 # the edges, and the fixed cost of each operator call). On the tiny graph that fixed cost is
-# almost all there is. On a busy machine the medians wobble by a few ms;
-# `benchmarks/gnn_latency.py` measures dense against pruned more carefully.
+# almost all there is. `benchmarks/gnn_latency.py` measures dense against pruned more
+# carefully (medians and spreads of many runs).
 
 # %%
 import matplotlib  # noqa: E402
@@ -259,7 +260,7 @@ left.set_ylabel("kept (% of the dense GAT)")
 left.set_title("size")
 right.plot(xs, [row["torch"] for row in sweep], "o-", label="torch")
 right.plot(xs, [row["onnxruntime"] for row in sweep], "s--", label="onnxruntime")
-right.set_ylabel("latency (ms, median, 1 thread)")
+right.set_ylabel(f"latency (ms, best of {runs}, 1 thread)")
 right.set_title(f"speed: one forward over all {data.num_nodes} nodes")
 for ax in (left, right):
     ax.set_ylim(bottom=0)
