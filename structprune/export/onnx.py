@@ -74,6 +74,15 @@ def _axes(names: list[str], args: tuple, dynamic_batch: bool,
     return out
 
 
+def _cause(exc: BaseException) -> str:
+    """An exporter's failure in one line: the innermost cause's last non-empty line (torch's own
+    first lines are often headers such as "... Next steps:")."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
 class _Baked(nn.Module):
     """``model`` with the inputs at ``positions`` fixed to buffers: it takes the others."""
 
@@ -157,6 +166,8 @@ def _export(model: nn.Module, args: tuple, path: str, exporter: str,
                 shapes = tuple({d: dims.setdefault(v, torch.export.Dim(v))
                                 for d, v in axes.get(n, {}).items()} or None
                                for n in names)
+            if isinstance(model, _Baked) and shapes is not None:
+                shapes = (shapes,)  # forward(*rest): export nests the shapes of *args once
             prog = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=shapes,
                                      input_names=names)
             prog.save(path)
@@ -213,7 +224,7 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, chec
         try:
             _export(m, args, path, ex, axes, names)
         except Exception as exc:  # exporters raise many types
-            errors.append(f"{ex}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            errors.append(f"{ex}: {type(exc).__name__}: {_cause(exc)}")
             continue
         if not check:
             return ExportResult(path, ex, None)
