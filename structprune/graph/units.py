@@ -39,9 +39,6 @@ _CHECKS = ("_assert", "_assert_scalar", "sym_constrain_range_for_size", "_check_
            "arange")
 
 
-_DEBUG = False
-
-
 @dataclass
 class GraphUnits:
     """What dropping graph nodes and edges does to one traced model.
@@ -107,6 +104,8 @@ def _id_extreme(n: fx.Node, values: dict[str, Any]) -> bool:
 
 
 def _kept_record(r: Record, opened: set[Space], checks: set[str]) -> bool:
+    """Whether a channel-level record still holds for graph units: addressing is one-way here,
+    guards only check sizes, opened inputs and every output's rows are free."""
     if isinstance(r, Address):
         return False
     if isinstance(r, SizeValue) and r.consumer in checks:
@@ -200,8 +199,6 @@ def graph_units(graph: Any, nodes: Mapping[str, int], edges: Mapping[str, int]) 
         hit = {kind_of[int(x)] for x in labels(r.space, r.idx) if int(x) in kind_of}
         for kind in hit:
             reasons.setdefault(kind, _explain(graph, r, origin.get(id(r))))
-            if _DEBUG:
-                print(kind, r.space, table.size[r.space], r.idx, repr(r.reason[:70]))
     out.node_reason, out.edge_reason = reasons.get("node"), reasons.get("edge")
     for space in table.order:
         if not space.is_param:
