@@ -47,9 +47,7 @@ from structprune.gnn.masks import count_dense_macs, count_message_macs  # noqa: 
 
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ugs_planetoid import OFFICIAL as _ALL  # noqa: E402  (ALGORITHMS.md §2.6 hyperparameters)
-
-OFFICIAL = {k: v for k, v in _ALL.items() if k != "pubmed"}  # PubMed's raw allx is missing
+from ugs_planetoid import OFFICIAL  # noqa: E402  (ALGORITHMS.md §2.6; PubMed needs its allx file)
 
 
 def loadavg() -> str:
