@@ -133,33 +133,36 @@ def _loss(out: Any, data: Any) -> Tensor:
 
 def _taylor_edges(model: nn.Module, data: Any) -> Tensor:
     """``|∂L/∂m_e|`` at ``m = 1`` for a mask on every edge (first-order cost of dropping it):
-    through ``edge_weight`` when the model takes it, else PyG's explain hooks."""
+    through ``edge_weight`` when the model takes it and passes it on, else PyG's explain hooks
+    (PyG's ``GIN`` takes ``edge_weight`` but its convolutions ignore it)."""
     from . import masks as _masks
 
     ei = data.edge_index
     dtype = data.x.dtype if data.x.is_floating_point() else torch.float32
-    mask = torch.ones(ei.size(1), dtype=dtype, requires_grad=True)
     names = list(inspect.signature(model.forward).parameters)
     args = list(model_inputs(model, data))
-    if "edge_weight" in names:
-        k = names.index("edge_weight")
-        base = args[k] if k < len(args) else torch.ones(ei.size(1), dtype=dtype)
-        args = args[:k] + [None] * max(0, k - len(args)) + [base * mask] + args[k + 1:]
-        out = model(*args)
-    else:
-        if not _masks._message_passing_layers(model):
-            raise ModelError(f"sp.gnn.prune: {type(model).__name__} has no edge_weight argument and "
-                             f"no torch_geometric MessagePassing layer, so graph_importance="
-                             f"'taylor' cannot put a mask on its edges; use 'degree', 'random' "
-                             f"or a tensor of scores")
-        with _masks.explain_masks(model, mask, ei):
-            out = model(*args)
-    (grad,) = torch.autograd.grad(_loss(out, data), mask, allow_unused=True)
-    if grad is None or not bool(grad.abs().sum() > 0):
-        raise ModelError(f"sp.gnn.prune: the edge mask does not reach {type(model).__name__}'s "
-                         f"output; score the edges another way (graph_importance='degree' or "
-                         f"'random', or a tensor of scores)")
-    return grad.abs()
+    routes = ["edge_weight"] if "edge_weight" in names else []
+    routes += ["explain"] if _masks._message_passing_layers(model) else []
+    if not routes:
+        raise ModelError(f"sp.gnn.prune: {type(model).__name__} has no edge_weight argument and "
+                         f"no torch_geometric MessagePassing layer, so graph_importance="
+                         f"'taylor' cannot put a mask on its edges; use 'degree', 'random' "
+                         f"or a tensor of scores")
+    for route in routes:
+        mask = torch.ones(ei.size(1), dtype=dtype, requires_grad=True)
+        if route == "edge_weight":
+            k = names.index("edge_weight")
+            base = args[k] if k < len(args) else torch.ones(ei.size(1), dtype=dtype)
+            out = model(*(args[:k] + [None] * (k - len(args)) + [base * mask] + args[k + 1:]))
+        else:
+            with _masks.explain_masks(model, mask, ei):
+                out = model(*args)
+        (grad,) = torch.autograd.grad(_loss(out, data), mask, allow_unused=True)
+        if grad is not None and bool(grad.abs().sum() > 0):
+            return grad.abs()
+    raise ModelError(f"sp.gnn.prune: the edge mask does not reach {type(model).__name__}'s "
+                     f"output ({' nor '.join(routes)}); score the edges another way "
+                     f"(graph_importance='degree' or 'random', or a tensor of scores)")
 
 
 def _taylor_nodes(model: nn.Module, data: Any) -> Tensor:

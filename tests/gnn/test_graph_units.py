@@ -257,3 +257,16 @@ def test_graph_classification_nodes_and_batch():
         out = res.model(*res.inputs)
     assert out.shape[0] == int(res.data.batch.max()) + 1 <= graphs
     assert_graph_oracle(model, data, res)
+
+
+def test_taylor_falls_back_to_messages_when_edge_weight_is_ignored():
+    """PyG's ``GIN`` takes ``edge_weight`` but its convolutions ignore it: the edge scores come
+    from the explain hooks instead of a refusal."""
+    from torch_geometric.nn.models import GIN
+
+    torch.manual_seed(0)
+    model = GIN(16, 16, num_layers=2, out_channels=3).eval()
+    data = _data()
+    res = sp.gnn.prune(model, data, edge_ratio=0.3, undirected=True)
+    assert int((~res.edge_mask).sum()) >= round(0.3 * data.edge_index.size(1))
+    assert_graph_oracle(model, data, res)
