@@ -46,7 +46,6 @@ are those of the sampled subgraph, as for any mini-batch GNN training.
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Iterator, Sequence
 
@@ -415,7 +414,6 @@ def find_ticket(
 
     alive_g = torch.ones(num_edges, dtype=torch.bool, device=ei.device)
     alive_w = {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}
-    total_w = sum(m.numel() for m in alive_w.values())
     history: list[dict] = []
     state = theta0
     outer = _ticket._bar(rounds, "UGS rounds (mini-batch)", progress)
@@ -425,21 +423,16 @@ def find_ticket(
                                           s1, s2, seed, noise, dtype, progress, num_neighbors, batch_size)
         edges_sampled = int((sampled & alive_g).sum())
         alive_g = _masks.prune_lowest(m_g, alive_g, graph_rate)
-        flat = _masks.prune_lowest(torch.cat([m_w[n].flatten() for n in names]),
-                                   torch.cat([alive_w[n].flatten() for n in names]), weight_rate)
-        alive_w = dict(zip(names, (f.view_as(alive_w[n]) for n, f in zip(names, flat.split(
-            [alive_w[n].numel() for n in names])))))
+        alive_w = _ticket._prune_weight_side(m_w, alive_w, weight_rate, None)
         val, test, state = train_ticket(model, data, alive_g, alive_w, theta0, epochs, lr, weight_decay, seed,
                                         progress, num_neighbors, batch_size)
         model.load_state_dict(state)
-        kept_w = int(sum(int(m.sum()) for m in alive_w.values()))
         kept_g = int(alive_g.sum())
         history.append({
             "round": r,
             "graph_sparsity": 1.0 - kept_g / num_edges,
-            "weight_sparsity": 1.0 - kept_w / total_w,
             "edges_kept": kept_g,
-            "weights_kept": kept_w,
+            **_ticket._weights_row(model, alive_w),  # no MACs: that needs a full-graph forward
             "val_acc": val,
             "test_acc": test,
             "edges_sampled": edges_sampled,
@@ -450,8 +443,6 @@ def find_ticket(
         outer.update()
     outer.close()
 
-    ticket_model = copy.deepcopy(model)
-    ticket_model.load_state_dict(state)
-    ticket_model.eval()
+    ticket = _ticket._ticket(model, state, None, None, data, alive_g, alive_w, history, theta0)
     model.load_state_dict(theta0)
-    return _ticket.Ticket(ticket_model, _ticket.prune_edges(data, alive_g), alive_g, alive_w, history, theta0)
+    return ticket

@@ -339,11 +339,15 @@ def _prune_weight_side(m_w: dict, alive_w: dict, rate: float, units) -> dict:
     return {n: f.view_as(alive_w[n]) for n, f in zip(names, flat.split([alive_w[n].numel() for n in names]))}
 
 
-def _weights_row(model: nn.Module, alive_w: dict[str, Tensor], x: Tensor, kept_ei: Tensor) -> dict:
+def _weights_row(model: nn.Module, alive_w: dict[str, Tensor], x: Tensor | None = None,
+                 kept_ei: Tensor | None = None) -> dict:
+    """A history row's weight side; MACs on ``(x, kept_ei)`` when given."""
     total = sum(m.numel() for m in alive_w.values())
     kept = int(sum(int(m.sum()) for m in alive_w.values()))
-    return {"weight_sparsity": 1.0 - kept / total, "weights_kept": kept,
-            "macs": _masks.count_macs(model, x, kept_ei)}
+    row = {"weight_sparsity": 1.0 - kept / total, "weights_kept": kept}
+    if x is not None:
+        row["macs"] = _masks.count_macs(model, x, kept_ei)
+    return row
 
 
 def _channels_row(units: "_masks.ChannelUnits", pruned: nn.Module, alive: dict[int, Tensor], x: Tensor,
