@@ -138,6 +138,7 @@ def graph_units(graph: Any, nodes: Mapping[str, int], edges: Mapping[str, int]) 
             opened[space] = kind
     checks = {n.name for n in gm.graph.nodes
               if n.op in ("call_function", "call_method") and op_name(n.target) in _CHECKS}
+    open_set = set(opened)
     values = _example_values(graph)
     tuples = graph._tuple_shapes
     records: list[Record] = []
@@ -156,7 +157,7 @@ def graph_units(graph: Any, nodes: Mapping[str, int], edges: Mapping[str, int]) 
         mentioned = {s for r in extra if isinstance(r, Couple) for s in (r.a, r.b)}
         start, end = graph.record_spans.get(n.name, (0, 0))
         for r in graph.records[start:end]:
-            if not _kept_record(r, set(opened), checks):
+            if not _kept_record(r, open_set, checks):
                 continue
             if isinstance(r, Freeze) and not r.reason and r.space in mentioned:
                 continue  # left unmentioned for channels, mapped row by row here
@@ -166,7 +167,7 @@ def graph_units(graph: Any, nodes: Mapping[str, int], edges: Mapping[str, int]) 
             origin[id(records[-1])] = n.name
         records += extra
     spanned = sum(e - s for s, e in graph.record_spans.values())
-    records += [r for r in graph.records[spanned:] if _kept_record(r, set(opened), checks)]
+    records += [r for r in graph.records[spanned:] if _kept_record(r, open_set, checks)]
     table = SpaceTable()
     for s in graph.table.order:
         table.add(s, graph.table.size[s])
