@@ -10,9 +10,11 @@ features map to the columns of ``w_ih``. GatedGraphConv runs a ``GRUCell`` per l
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
+import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ..rules import (ApplyContext, Couple, CoupleContext, Freeze, OpRule, Record, Space, aten_ops,
@@ -140,3 +142,234 @@ class AtenRNNInputRule(OpRule):
         for k, s in enumerate(ctx.item_shapes(ctx.node) or []):
             if s is not None:
                 yield from (Freeze(ctx.item(k, dim), why) for dim in range(len(s)))
+
+
+# --- whole recurrent modules: nn.LSTM, nn.GRU, nn.RNN ----------------------------------------------
+
+#: gates per mode of ``rnn_forward`` (the rows of ``w_ih``/``w_hh`` are ``gates * hidden``)
+_MODE_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_MODE_OPS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh,
+             "RNN_RELU": torch.rnn_relu}
+
+
+def rnn_forward(mode: str, input: torch.Tensor, hx: Any, weights: list, has_biases: bool,
+                num_layers: int, dropout: float, training: bool, bidirectional: bool,
+                batch_first: bool, owner: Optional[nn.Module] = None) -> tuple:
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``'s forward on explicit weights, with every size read
+    from the weights (none from module attributes), so a graph that calls it stays right when
+    the weights are sliced. ``weights`` are the module's ``_flat_weights`` in their order.
+
+    Returns a flat tuple: ``(output, h_n, c_n)`` for an LSTM, ``(output, h_n)`` otherwise.
+    A 2-D input is one unbatched sequence, as for the modules. A ``PackedSequence`` input is
+    refused here (the tracer keeps such a call a frozen leaf). ``owner`` (the module, in the
+    graph a ``get_attr`` of it) is not read: it tells the rule's ``update`` which module's
+    ``hidden_size``/``proj_size``/``input_size`` to fix."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"rnn_forward takes a tensor input, not {type(input).__name__} (a "
+                        f"PackedSequence is kept a frozen leaf by the tracer)")
+    gates = _MODE_GATES[mode]
+    dirs = 2 if bidirectional else 1
+    w_hh = weights[1]
+    hidden, state = w_hh.shape[0] // gates, w_hh.shape[1]
+    batched = input.dim() == 3
+    if not batched:
+        input = input.unsqueeze(0 if batch_first else 1)
+    batch = input.shape[0 if batch_first else 1]
+    lstm = mode == "LSTM"
+    if hx is None:
+        h0 = input.new_zeros(num_layers * dirs, batch, state)
+        hx = (h0, input.new_zeros(num_layers * dirs, batch, hidden)) if lstm else h0
+    elif not batched:
+        hx = tuple(h.unsqueeze(1) for h in hx) if lstm else hx.unsqueeze(1)
+    if lstm:
+        hx = tuple(hx)
+    out = _MODE_OPS[mode](input, hx, list(weights), has_biases, num_layers, dropout, training,
+                          bidirectional, batch_first)
+    output, states = out[0], tuple(out[1:])
+    if not batched:
+        output = output.squeeze(0 if batch_first else 1)
+        states = tuple(s.squeeze(1) for s in states)
+    return (output,) + states
+
+
+def _mode(module: nn.Module) -> str:
+    if isinstance(module, nn.RNN):
+        return "RNN_TANH" if module.nonlinearity == "tanh" else "RNN_RELU"
+    return "LSTM" if isinstance(module, nn.LSTM) else "GRU"
+
+
+@register(nn.LSTM, nn.GRU, nn.RNN)
+class RNNModuleRule(OpRule):
+    """``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` (any layers, directions, ``proj_size``,
+    ``batch_first``, ``bias``, with or without an initial state): traced through as one call of
+    :func:`rnn_forward` with the weights as graph values, which :class:`RNNForwardRule` couples
+    (hidden units prunable). A ``PackedSequence`` input, or a module the user made a leaf,
+    stays one frozen ``call_module`` node, with the reason."""
+
+    decomposes = True
+
+    def trace_through(self, module: nn.Module, getp: Callable[[str], Any], *args: Any,
+                      **kwargs: Any) -> Any:
+        assert isinstance(module, nn.RNNBase)
+        bound = _bind(args, kwargs)
+        if bound is None:
+            return NotImplemented
+        x, hx = bound
+        tracer = getattr(x, "tracer", None)
+        if not isinstance(x, fx.Proxy) or tracer is None:
+            return NotImplemented  # e.g. a PackedSequence
+        mode = _mode(module)
+        weights = [getp(n) for n in module._flat_weights_names]
+        path = str(weights[0].node.target).rpartition(".")[0]
+        owner = tracer.create_proxy("get_attr", path, (), {}) if path else None
+        out = tracer.create_proxy(
+            "call_function", rnn_forward,
+            (mode, x, hx, weights, module.bias, module.num_layers, float(module.dropout),
+             module.training, module.bidirectional, module.batch_first),
+            {"owner": owner} if owner is not None else {})
+        if mode == "LSTM":
+            return out[0], (out[1], out[2])
+        return out[0], out[1]
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        reason = (f"{type(ctx.module).__name__} '{ctx.module_path}' is kept whole (a leaf module, "
+                  f"or a PackedSequence input, which the traced equivalent does not cover)")
+        for path, s in ctx.item_leaves(ctx.node):
+            for d in range(len(s)):
+                yield Freeze(Space.item(ctx.node.name, path, d), reason)
+        yield from ctx.freeze(ctx.node, reason)
+        for a in ctx.node.all_input_nodes:
+            yield from ctx.freeze(a, reason)
+
+
+def _bind(args: tuple, kwargs: dict) -> Optional[tuple[Any, Any]]:
+    """``(input, hx)`` of a ``forward(input, hx=None)`` call, or None for other arguments."""
+    kwargs = dict(kwargs)
+    names = ["input", "hx"]
+    vals = list(args) + [None] * (2 - len(args))
+    if len(args) > 2:
+        return None
+    for i, n in enumerate(names):
+        if n in kwargs:
+            if i < len(args):
+                return None
+            vals[i] = kwargs.pop(n)
+    return None if kwargs else (vals[0], vals[1])
+
+
+def _owner(actx: ApplyContext) -> Optional[nn.Module]:
+    """The module traced through (``rnn_forward``'s ``owner``), whose attributes follow its
+    sliced weights; None for a call with the weights of no module (or a root module)."""
+    m = actx.value(actx.node.kwargs.get("owner"))
+    return m if isinstance(m, nn.RNNBase) else None
+
+
+def rnn_couplings(ctx: CoupleContext, x: Any, hx: Any, weights: list, outs: list[Space],
+                  gates: int, has_biases: bool, num_layers: int, bidirectional: bool,
+                  batch_first: bool) -> Iterator[Record]:
+    """The units of a whole recurrent layer stack (see :class:`RNNForwardRule`)."""
+    dirs = 2 if bidirectional else 1
+    per = len(weights) // (num_layers * dirs)
+    proj = per - (4 if has_biases else 2) == 1
+    w = [[ctx.space(weights[(l * dirs + d) * per + k], 0) for k in range(per)]
+         for l in range(num_layers) for d in range(dirs)]
+    sw_hh = ctx.shape(weights[1])
+    hidden, state = sw_hh[0] // gates, sw_hh[1]
+    hrep = w[0][per - 1].with_dim(1) if proj else w[0][1].with_dim(1)  # hidden unit j
+    srep = w[0][1].with_dim(1)  # state unit (= hidden unit without a projection)
+    unit_rows = np.tile(np.arange(hidden), gates)
+    rows = np.arange(gates * hidden)
+    by_dir = np.tile(np.arange(state), dirs)
+    for k, block in enumerate(w):
+        layer = k // dirs
+        for s in [block[0], block[1]] + (block[2:4] if has_biases else []):
+            yield Couple(hrep, s, unit_rows, rows)  # every gate's row of unit j
+        yield Couple(srep, block[1].with_dim(1))  # w_hh reads the state
+        if proj:
+            yield Couple(hrep, block[-1].with_dim(1))  # w_hr reads the hidden units
+            yield Couple(srep, block[-1])  # and writes the state
+        if layer == 0:
+            if ctx.shape(x) is not None:
+                yield Couple(ctx.space(x, -1), block[0].with_dim(1))
+        else:  # the previous layer's output: both directions' states, side by side
+            yield Couple(srep, block[0].with_dim(1), by_dir, np.arange(dirs * state))
+    out, h_n = outs[0], outs[1]
+    yield Couple(srep, out, by_dir, np.arange(dirs * state))
+    yield Couple(srep, h_n)
+    if len(outs) > 2:
+        yield Couple(hrep, outs[2])
+    states = _state_spaces(ctx, hx)
+    if states:
+        yield Couple(srep, states[0])
+        if len(states) > 1:
+            yield Couple(hrep, states[1])
+    sx = ctx.shape(x)
+    if sx is not None and len(sx) == 3:  # batched: the batch dim maps through
+        bx = ctx.space(x, 0 if batch_first else 1)
+        yield Couple(bx, out.with_dim(0 if batch_first else 1))
+        for s in outs[1:] + states:
+            yield Couple(bx, s.with_dim(1))
+
+
+def rnn_macs(sx: tuple, weights: list[tuple], gates: int, num_layers: int, dirs: int) -> int:
+    """Multiply-accumulates of a layer stack: per step, direction and layer, every gate's input
+    and recurrent products (and the projection's)."""
+    per = len(weights) // (num_layers * dirs)
+    steps = int(np.prod(sx[:-1]))
+    total = 0
+    for k in range(num_layers * dirs):
+        w_ih, w_hh = weights[k * per], weights[k * per + 1]
+        total += w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1]
+        if per in (3, 5):  # w_hr
+            w_hr = weights[k * per + per - 1]
+            total += w_hr[0] * w_hr[1]
+    return steps * total
+
+
+@register(rnn_forward)
+class RNNForwardRule(OpRule):
+    """:func:`rnn_forward` (a whole ``nn.LSTM``/``nn.GRU``/``nn.RNN``): hidden unit ``j`` is one
+    unit in every layer and direction (the module has one ``hidden_size``): rows ``g*H + j`` of
+    every ``w_ih``, ``w_hh`` and bias, and what reads the state: column ``j`` of every
+    ``w_hh``, columns ``d*H + j`` of the next layer's ``w_ih`` (both directions' outputs side by
+    side), entry ``d*H + j`` of the output, entry ``j`` of ``h_n`` and of the initial state.
+    With ``proj_size`` the state is the projection's output: the hidden units (rows of the
+    gates, columns of ``w_hr``, ``c_n``) and the projected units (rows of ``w_hr``, the rest)
+    are two units. The time dim stays whole; the batch dim maps through.
+
+    Removing a unit is exact: a unit whose gate rows are zero stays at zero from a zero initial
+    state (LSTM: ``c' = c/2``, ``h' = tanh(c')/2``; GRU: ``h' = h/2``; RNN: ``tanh(0)``), and
+    its column of ``w_hh`` then multiplies zero; the masked oracle zeroes exactly those weight
+    slices (they are graph values here)."""
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        args = ctx.node.args
+        mode, x, hx, weights = args[0], args[1], args[2], args[3]
+        has_biases, num_layers, bidirectional, batch_first = (args[4], args[5], args[8],
+                                                              args[9])
+        if ctx.shape(x) is None or not all(ctx.shape(w) is not None for w in weights):
+            return
+        leaves = dict(ctx.item_leaves(ctx.node))
+        outs = [Space.item(ctx.node.name, k, len(leaves[(k,)]) - 1)
+                for k in range(3 if mode == "LSTM" else 2)]
+        yield from rnn_couplings(ctx, x, hx, list(weights), outs, _MODE_GATES[mode],
+                                 bool(has_biases), int(num_layers), bool(bidirectional),
+                                 bool(batch_first))
+
+    def update(self, actx: ApplyContext) -> None:
+        args = actx.node.args
+        m = _owner(actx)
+        if m is None:
+            return
+        gates = _MODE_GATES[args[0]]
+        m.input_size = m.weight_ih_l0.shape[1]
+        m.hidden_size = m.weight_hh_l0.shape[0] // gates
+        if getattr(m, "proj_size", 0) > 0:
+            m.proj_size = m.weight_hr_l0.shape[0]
+        m._init_flat_weights()
+
+    def macs(self, mctx: Any) -> int:
+        args = mctx.node.args
+        dirs = 2 if args[8] else 1
+        return rnn_macs(mctx.shape(args[1]), [mctx.shape(w) for w in args[3]],
+                        _MODE_GATES[args[0]], int(args[5]), dirs)
