@@ -107,19 +107,89 @@ class MultiheadAttentionRule(OpRule):
             yield from ctx.freeze(a, reason)
 
 
+def mha_mask(mask: torch.Tensor, like: torch.Tensor, padding: bool = False) -> torch.Tensor:
+    """An ``nn.MultiheadAttention`` mask as an additive one that broadcasts against the scores
+    ``(B, H, L, S)``, in the dtype of ``like`` (the queries, ``(B, H, L, D)``): a bool mask's
+    ``True`` (not allowed) becomes ``-inf``, a float mask is added as it is. A
+    ``key_padding_mask`` (``padding``) ``(B, S)`` becomes ``(B, 1, 1, S)``; a 3-D ``attn_mask``
+    ``(B*H, L, S)`` becomes ``(B, H, L, S)``; a 2-D one stays ``(L, S)``. Called at run time
+    (neither the dtype nor the rank is known while tracing); reads no module attribute, so the
+    number of heads follows the pruned queries."""
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=like.dtype, device=mask.device).masked_fill_(
+            mask, float("-inf"))
+    else:
+        mask = mask.to(like.dtype)
+    if padding:
+        return mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
+    if mask.dim() == 3:
+        return mask.reshape(like.shape[0], -1, mask.shape[1], mask.shape[2])
+    return mask
+
+
+@register(mha_mask)
+class MhaMaskRule(OpRule):
+    """:func:`mha_mask`: a padding mask's batch and key dims, a 2-D mask's dims, and a 3-D
+    mask's ``(L, S)`` map to the output's; row ``b*H + h`` of a 3-D mask belongs to head ``h``
+    (the output's batch dim stays whole). ``like`` is read for its dtype and batch size only, so
+    its dims stay free."""
+
+    freezes_unmentioned = False
+
+    def couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        mask, so = ctx.arg(0, "mask"), ctx.out_shape
+        sm = ctx.shape(mask)
+        if sm is None or so is None:
+            return
+        if bool(ctx.value(ctx.arg(2, "padding", False))):
+            yield Couple(ctx.space(mask, 0), ctx.out(0))
+            yield Couple(ctx.space(mask, -1), ctx.out(-1))
+        elif len(sm) == 3:
+            b, h = so[0], so[1]
+            yield Couple(ctx.out(1), ctx.space(mask, 0), np.tile(np.arange(h), b),
+                         np.arange(b * h))
+            yield Couple(ctx.space(mask, 1), ctx.out(2))
+            yield Couple(ctx.space(mask, 2), ctx.out(3))
+            yield Freeze(ctx.out(0), "a per-head attention mask's batch dim is read as "
+                                     "rows b*H + h")
+        else:
+            yield from ctx.identity(mask, ctx.node)
+
+
+def _record(fn: Callable[..., Any], like: Any, *args: Any) -> Any:
+    """A call of ``fn`` recorded in the graph being traced (``like`` is one of its proxies):
+    ``fn`` branches on what only the run knows (a mask's dtype and rank)."""
+    return like.tracer.create_proxy("call_function", fn, args, {})
+
+
 def mha_forward(m: nn.MultiheadAttention, getp: Any, query: Any, key: Any, value: Any,
                 key_padding_mask: Optional[Any] = None, need_weights: bool = True,
                 attn_mask: Optional[Any] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Any:
-    """``nn.MultiheadAttention.forward`` written with traceable functional ops.
+    """``nn.MultiheadAttention.forward`` written with traceable functional ops, for batched
+    inputs (``batch_first`` or not).
+
+    Masks as the module reads them: ``key_padding_mask`` ``(B, S)`` and ``attn_mask`` ``(L, S)``
+    or ``(B*H, L, S)``, bool (``True`` = not allowed) or additive float, made additive by
+    :func:`additive_mask` at run time; a 3-D mask is viewed as ``(B, H, L, S)``, so its head
+    rows are pruned with their heads (or, a model input being whole, keep the heads whole).
+    ``is_causal`` is the module's hint: with no ``key_padding_mask`` and ``need_weights=False``
+    the given ``attn_mask`` is not read and a causal mask is used, otherwise ``attn_mask`` is.
+    ``need_weights`` returns the softmaxed scores, averaged over the heads
+    (``average_attn_weights``; a mean over heads keeps them whole where it is read) or per head.
 
     ``getp(name)`` returns the graph value of the module's parameter ``name``. Returns
-    ``NotImplemented`` for configurations it does not cover; the module is then a frozen leaf.
+    ``NotImplemented`` for configurations it does not cover (``bias_k``, ``add_zero_attn``,
+    separate key/value dims, ``is_causal`` without a mask, which the module refuses); the
+    module is then a frozen leaf.
     """
     if m.bias_k is not None or m.add_zero_attn or not m._qkv_same_embed_dim:
         return NotImplemented
-    if key_padding_mask is not None or attn_mask is not None or is_causal:
+    if not isinstance(need_weights, bool) or not isinstance(average_attn_weights, bool) \
+            or not isinstance(is_causal, bool):
         return NotImplemented
+    if is_causal and attn_mask is None:
+        return NotImplemented  # the module raises
     if not m.batch_first:
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
     heads, head_dim = m.num_heads, m.head_dim
@@ -134,14 +204,24 @@ def mha_forward(m: nn.MultiheadAttention, getp: Any, query: Any, key: Any, value
     q = q.reshape(bsz, tgt, heads, head_dim).transpose(1, 2)  # [B, H, T, D]
     k = k.reshape(bsz, src, heads, head_dim).transpose(1, 2)
     v = v.reshape(bsz, src, heads, head_dim).transpose(1, 2)
+    causal = is_causal and key_padding_mask is None and not need_weights
+    mask = None
+    if attn_mask is not None and not causal:
+        mask = _record(mha_mask, q, attn_mask, q)
+    if key_padding_mask is not None:
+        pad = _record(mha_mask, q, key_padding_mask, q, True)
+        mask = pad if mask is None else mask + pad
     dropout = m.dropout if m.training else 0.0
     if need_weights:
         scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))
+        if mask is not None:
+            scores = scores + mask
         attn = torch.softmax(scores, dim=-1)  # [B, H, T, S]
         attn = F.dropout(attn, p=dropout, training=m.training)
         out = torch.matmul(attn, v)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                             is_causal=causal)
         attn = None
     out = out.transpose(1, 2).reshape(bsz, tgt, heads * head_dim)
     out = m.out_proj(out)
