@@ -246,6 +246,21 @@ def shape_mismatch(model_name: str, inputs: dict[str, Any], module_path: Optiona
 
 
 # --- what could be pruned instead ----------------------------------------------------------------
+_PARTS_FOLLOW = [0]  # > 0 while a failed capture is followed by pruning in parts
+
+
+@contextlib.contextmanager
+def parts_follow() -> Iterator[None]:
+    """While active, a failed capture does not look for submodules that capture on their own
+    (:func:`capturable_submodules` returns none): pruning in parts
+    (:mod:`structprune.partial`) follows and finds them itself."""
+    _PARTS_FOLLOW[0] += 1
+    try:
+        yield
+    finally:
+        _PARTS_FOLLOW[0] -= 1
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A submodule that captures on its own: its path, parameter count and how it captured."""
@@ -269,6 +284,8 @@ def capturable_submodules(model: nn.Module, run: EagerRun,
         limit: the most candidates returned.
         budget_s: stop trying after this many seconds (export can be slow on big submodules).
     """
+    if _PARTS_FOLLOW[0]:
+        return []
     start = time.monotonic()
     found: list[Candidate] = []
     frontier = [(p, m) for p, m in model.named_children()]
@@ -296,6 +313,14 @@ def capture_failure(model: nn.Module, fx_exc: BaseException, failed_module: Opti
                     export_exc: Optional[BaseException], candidates: list[Candidate]) -> str:
     """The message of a failed capture: where, why (one line each), and what to try."""
     name = type(model).__name__
+    from .partial import parts_of
+
+    if parts_of(model) is not None:  # sp.save / sp.trace on a model sp.prune pruned in parts
+        return (f"{name} was pruned in parts (it cannot be captured whole), so it cannot be "
+                f"captured as one graph for sp.save, sp.trace or export either: save it with "
+                f"torch.save(model, path) and load it with torch.load(path, weights_only=False)"
+                f"; or prune and save its parts (sp.report lists them). "
+                f"torch.fx: {first_line(fx_exc)}")
     where = (f"module '{failed_module}' ({type(model.get_submodule(failed_module)).__name__})"
              if failed_module else f"the top module ({name})")
     frame = user_frame(fx_exc, model)

@@ -178,6 +178,9 @@ class Pruner:
         #: Largest relative deviation of the pruned output from the masked original, measured
         #: after each step when an approximate rule (``prune_normalized_dims``) was used.
         self.deviation: Optional[float] = None
+        #: Where the model could not be captured whole and :meth:`run` pruned it in parts: the
+        #: parts pruned, the submodules kept and why (:class:`structprune.partial.PartsResult`).
+        self.parts: Any = None
 
     def _check_gradient_source(self) -> None:
         needs = getattr(self.importance, "needs_grad", False)
@@ -402,6 +405,12 @@ class Pruner:
         """Every remaining step; returns the final model (a copy if nothing was pruned)."""
         if self.steps_done >= self.config.iterative_steps:
             return self.model
+        if self._graph is None and self.steps_done == 0:  # not capturable whole: in parts
+            from .partial import capture_or_prune_in_parts
+
+            in_parts = capture_or_prune_in_parts(self)
+            if in_parts is not None:
+                return in_parts
         before = count_params(self.model)
         while self.steps_done < self.config.iterative_steps:
             self.step()

@@ -62,6 +62,9 @@ class Report:
     deviation: Optional[float] = None
     #: ``{reason: [node, ...]}`` over the frozen entries, in first-seen order.
     frozen_reasons: dict[str, list[str]] = field(default_factory=dict)
+    #: For a model pruned in parts (it cannot be captured whole): one line per part pruned and
+    #: per submodule kept as it was, with the reason (empty otherwise).
+    parts: list[str] = field(default_factory=list)
 
     @property
     def params_kept(self) -> float:
@@ -83,7 +86,7 @@ class Report:
                             "ignored": g.ignored}
                            for g in self.groups],
                 "frozen": self.frozen, "frozen_reasons": self.frozen_reasons,
-                "returned": self.returned, "deviation": self.deviation}
+                "returned": self.returned, "deviation": self.deviation, "parts": self.parts}
 
     def table(self, max_groups: int = 40) -> str:
         def num(n: int) -> str:
@@ -97,6 +100,10 @@ class Report:
         if self.input_shapes:
             shapes = ", ".join(str(tuple(s)) for s in self.input_shapes)
             lines.append(f"MACs: one forward pass on the example batch as given, inputs {shapes}")
+        if self.parts:
+            lines.append("MACs: counted by torch.utils.flop_counter over the whole eager forward "
+                         "(ops it does not know, e.g. roi_align and nms, count 0)")
+            lines += self.parts
         lines.append("")
         if self.groups:
             lines.append(f"{'group':>5s}  {'units':>11s}  {'kept':>6s}  modules")
@@ -129,30 +136,100 @@ def report(model: nn.Module, pruned: Optional[nn.Module], example_inputs: Exampl
 
     ``ignore``: the modules the prune was told to ignore; their groups are shown as ignored.
     """
+    from .partial import parts_of
+
+    if pruned is not None and parts_of(pruned) is not None:
+        return _parts_report(model, pruned, example_inputs, ignore)
     g0 = trace(model, example_inputs)
     ignored = set(resolve_ignore(model, ignore))
     pruned = pruned if pruned is not None else model
     g1 = g0 if pruned is model else trace(pruned, example_inputs)
     after = dict(pruned.named_parameters())
     before = dict(g0.graph_module.named_parameters())
-    rows = []
-    for grp in g0.groups():
-        members = [m for m in grp.params if m.role in ("out", "in", "norm")] or grp.params
-        m = members[0]
-        t = after.get(m.qualname)
-        before_idx = int(m.index.numel())
-        per_unit = max(before_idx // max(grp.num_units, 1), 1)
-        kept_idx = before_idx if t is None else before_idx - (
-            before[m.qualname].shape[m.dim] - t.shape[m.dim])
-        mods = sorted({x.module for x in grp.params})
-        is_ignored = any(x.module in ignored for x in grp.params if x.role == "out")
-        rows.append(GroupRow(grp.id, mods, grp.num_units, max(kept_idx // per_unit, 0),
-                             grp.width, is_ignored))
+    rows = [_group_row(grp, before, after, ignored) for grp in g0.groups()]
     return Report(sum(p.numel() for p in model.parameters()),
                   sum(p.numel() for p in pruned.parameters()),
                   count_macs(g0), count_macs(g1), rows, [repr(e) for e in g0.frozen()],
                   _input_shapes(g0.args, g0.kwargs), _returned(model, pruned),
                   measured_deviation(pruned), _by_reason(g0.frozen()))
+
+
+def _group_row(grp: Any, before: dict, after: dict, ignored: set) -> GroupRow:
+    """What group ``grp`` kept, read from the parameter shapes before and after.
+
+    A parameter dim can be shared by several groups (a conv whose output is split by ``chunk``
+    into two halves, each its own group): the drops seen on such a dim are the sum of every
+    group's. So the member read is one whose dim belongs to this group alone (its indices cover
+    the whole dim), preferring the ``out``/``in``/``norm`` roles; only where every member's dim
+    is shared is the drop split in proportion to the indices (marked ``shared``).
+    """
+    members = [m for m in grp.params if m.role in ("out", "in", "norm")] or list(grp.params)
+    members += [m for m in grp.params if m not in members]
+
+    def whole(m: Any) -> bool:
+        t = before.get(m.qualname)
+        return t is not None and int(m.index.numel()) == t.shape[m.dim]
+
+    m = next((x for x in members if whole(x) and x.qualname in after), None)
+    shared = m is None
+    if shared:
+        m = next((x for x in members if x.qualname in after and x.qualname in before),
+                 members[0])
+    t = after.get(m.qualname)
+    before_idx = int(m.index.numel())
+    per_unit = max(before_idx // max(grp.num_units, 1), 1)
+    if t is None or m.qualname not in before:
+        kept_idx = before_idx
+    else:
+        dim_size = before[m.qualname].shape[m.dim]
+        dropped = dim_size - t.shape[m.dim]
+        if shared:  # this group's share of the dim's drops, in proportion to its indices
+            dropped = round(dropped * before_idx / max(dim_size, 1))
+        kept_idx = before_idx - dropped
+    mods = sorted({x.module for x in grp.params})
+    is_ignored = any(x.module in ignored for x in grp.params if x.role == "out")
+    return GroupRow(grp.id, mods, grp.num_units, max(kept_idx // per_unit, 0), grp.width,
+                    is_ignored)
+
+
+def _parts_report(model: nn.Module, pruned: nn.Module, example_inputs: ExampleInputs,
+                  ignore: Iterable[nn.Module]) -> Report:
+    """The report of a model pruned in parts (:mod:`structprune.partial`): each pruned part
+    compared with the original part on the inputs it receives in one forward of the model (its
+    groups listed under the part's path); MACs of the whole eager forward, before and after."""
+    from .graph.capture import normalize_inputs
+    from .partial import forward_macs, parts_of, record_calls
+
+    info = parts_of(pruned)
+    assert info is not None
+    args, kwargs = normalize_inputs(example_inputs)
+    paths = [p.path for p in info.parts if p.pruned]
+    calls = record_calls(model, args, kwargs, paths)
+    ignore_ids = {id(m) for m in ignore}
+    rows: list[GroupRow] = []
+    frozen: list[str] = []
+    reasons: dict[str, list[str]] = {}
+    for path in paths:
+        part, new = model.get_submodule(path), pruned.get_submodule(path)
+        from .partial import _as_example
+
+        sub = report(part, new, _as_example(part, calls[path][0]),
+                     [m for m in part.modules() if id(m) in ignore_ids])
+        for g in sub.groups:
+            rows.append(GroupRow(len(rows), [f"{path}.{x}" if x else path for x in g.modules],
+                                 g.units_before, g.units_after, g.width, g.ignored))
+        frozen += [f"{path}: {e}" for e in sub.frozen]
+        for why, nodes in sub.frozen_reasons.items():
+            reasons.setdefault(why, []).extend(f"{path}.{n}" for n in nodes)
+    for path, cls, why in info.kept:
+        frozen.append(f"{path} ({cls}): {why}")
+        reasons.setdefault(why, []).append(path)
+    return Report(sum(p.numel() for p in model.parameters()),
+                  sum(p.numel() for p in pruned.parameters()),
+                  forward_macs(model, example_inputs), forward_macs(pruned, example_inputs),
+                  rows, frozen, _input_shapes(args, kwargs),
+                  f"a {type(pruned).__name__} (the model's own class) with each pruned part put "
+                  f"in place", None, reasons, info.summary().splitlines())
 
 
 def _by_reason(entries: list) -> dict[str, list[str]]:
