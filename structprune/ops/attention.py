@@ -98,7 +98,8 @@ class MultiheadAttentionRule(OpRule):
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         reason = (f"nn.MultiheadAttention '{ctx.module_path}' is kept whole (a leaf module, or "
-                  f"bias_k / add_zero_attn / kdim, vdim / masks, which mha_forward does not cover)")
+                  f"bias_k / add_zero_attn / kdim, vdim / is_causal without a mask, which "
+                  f"mha_forward does not cover)")
         for k, shape in enumerate(ctx.item_shapes(ctx.node) or []):
             for d in range(len(shape) if shape is not None else 0):
                 yield Freeze(ctx.item(k, d), reason)
@@ -171,7 +172,7 @@ def mha_forward(m: nn.MultiheadAttention, getp: Any, query: Any, key: Any, value
 
     Masks as the module reads them: ``key_padding_mask`` ``(B, S)`` and ``attn_mask`` ``(L, S)``
     or ``(B*H, L, S)``, bool (``True`` = not allowed) or additive float, made additive by
-    :func:`additive_mask` at run time; a 3-D mask is viewed as ``(B, H, L, S)``, so its head
+    :func:`mha_mask` at run time; a 3-D mask is viewed as ``(B, H, L, S)``, so its head
     rows are pruned with their heads (or, a model input being whole, keep the heads whole).
     ``is_causal`` is the module's hint: with no ``key_padding_mask`` and ``need_weights=False``
     the given ``attn_mask`` is not read and a causal mask is used, otherwise ``attn_mask`` is.
