@@ -250,3 +250,39 @@ def test_a_leaf_transformer_stays_frozen_with_the_reason():
     g = sp.trace(m, inputs, leaf_modules=[nn.TransformerEncoder])
     assert any("kept whole" in e.reason for e in g.frozen())
     assert not g.head_groups()
+
+
+# --- a model: a small text classifier ----------------------------------------------------------
+
+class TextClassifier(nn.Module):
+    """Embedding -> nn.TransformerEncoder (2 layers, padding mask) -> mean over tokens -> Linear."""
+
+    def __init__(self, vocab=50):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, E)
+        layer = nn.TransformerEncoderLayer(E, HEADS, 64, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.cls = nn.Linear(E, 4)
+
+    def forward(self, ids, padding):
+        return self.cls(self.enc(self.emb(ids), src_key_padding_mask=padding).mean(1))
+
+
+def test_a_text_classifier_prunes_half_its_heads_and_neurons():
+    from structprune.macs import count_macs
+
+    torch.manual_seed(0)
+    m = TextClassifier().double().eval()
+    ids = torch.randint(0, 50, (B, T))
+    inputs = (ids, kpm())
+    pruned = assert_rule(m, inputs, ratio=0.5)  # oracle, zero ratio, ONNX, save/load
+    weights = dict(pruned.named_parameters())
+    for i in range(2):
+        assert weights[f"enc.layers.{i}.self_attn.in_proj_weight"].shape == (3 * E // 2, E)
+        assert weights[f"enc.layers.{i}.linear1.weight"].shape == (32, E)
+    before, after = count_macs(sp.trace(m, inputs)), count_macs(sp.trace(pruned, inputs))
+    assert after < 0.7 * before, (before, after)
+    ids2, pad2 = torch.randint(0, 50, (3, 9)), torch.zeros(3, 9, dtype=torch.bool)
+    assert pruned(ids2, pad2).shape == (3, 4)  # another batch and length
+    m.train()  # dropout 0.1: the graph still traces, in the training mode
+    assert sp.prune(m, inputs, ratio=0.5)(*inputs).shape == (B, 4)

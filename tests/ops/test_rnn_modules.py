@@ -203,3 +203,31 @@ def test_a_leaf_module_stays_frozen_with_the_reason():
     assert not any(p.qualname.startswith("rnn.") for grp in g.groups() for p in grp.params)
     assert any(p.qualname.startswith("rnn.") for grp in sp.trace(m, x).groups()
                for p in grp.params)
+
+
+class Tagger(nn.Module):
+    """Embedding -> bidirectional 2-layer LSTM -> per-token Linear."""
+
+    def __init__(self, vocab=50):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 12)
+        self.lstm = nn.LSTM(12, 16, num_layers=2, bidirectional=True, batch_first=True)
+        self.tag = nn.Linear(32, 5)
+
+    def forward(self, ids):
+        return self.tag(self.lstm(self.emb(ids))[0])
+
+
+def test_an_lstm_tagger_prunes_half_its_hidden_units():
+    from structprune.macs import count_macs
+
+    torch.manual_seed(0)
+    m = Tagger().double().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    pruned = assert_rule(m, ids, ratio=0.5)
+    assert type(pruned) is Tagger
+    assert (pruned.lstm.hidden_size, pruned.lstm.input_size) == (8, 6)
+    assert pruned.tag.in_features == 16
+    before, after = count_macs(sp.trace(m, ids)), count_macs(sp.trace(pruned, ids))
+    assert after < 0.3 * before, (before, after)  # about a quarter: both sizes halved
+    assert pruned(torch.randint(0, 50, (3, 11))).shape == (3, 11, 5)  # any batch and length
