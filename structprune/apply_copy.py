@@ -9,6 +9,7 @@ import torch.nn as nn
 from .apply import _calls, _same, _update_and_check, apply_plan
 from .graph.inputs import add_guard_hook
 from .graph.modules import plain_module
+from .own_export import own_class_after_export
 from .own_forward import own_forward_differs
 from .plan import Plan
 from .scratch import scratch_space
@@ -45,9 +46,11 @@ def _apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
     graph = plan.graph
     gm, model = graph.graph_module, graph.model
     if gm.meta.get("structprune_capture") == "export":
-        return Applied(apply_plan(plan, example_inputs), False,
-                       "captured by torch.export: its graph does not run the model's own "
-                       "modules, so the pruned graph is returned")
+        pruned = apply_plan(plan, example_inputs)
+        own, reason = own_class_after_export(model, pruned, example_inputs)
+        if own is not None:
+            return Applied(own, True, reason)
+        return Applied(pruned, False, f"captured by torch.export: {reason}")
     with scratch_space():
         dropped = plan.dropped_indices()
         sliced = sliced_tensors(gm, dropped)

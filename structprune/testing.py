@@ -68,10 +68,11 @@ def assert_oracle(pruner: Pruner, plan: Optional[Plan] = None, tol: float = 1e-5
     assert d <= tol, f"oracle: pruned output differs from the masked original by {d:.3e} ({plan})"
     # Exactly the members' parameter slices are gone, and every other parameter keeps its shape.
     dropped = plan.dropped_indices()
+    got_params = dict(pruned.named_parameters(remove_duplicate=False))
     for name, t in graph.graph_module.named_parameters():
         want_shape = tuple(n - len(dropped.get(Space.param(name, d), ())) for d, n in
                            enumerate(t.shape))
-        got_t = dict(pruned.named_parameters()).get(name)
+        got_t = got_params.get(name)
         assert got_t is not None and tuple(got_t.shape) == want_shape, \
             f"parameter {name}: shape {None if got_t is None else tuple(got_t.shape)}, " \
             f"the plan implies {want_shape}"

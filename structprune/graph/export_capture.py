@@ -8,8 +8,9 @@ model's own arguments and keeps its parameters' names.
 from __future__ import annotations
 
 import collections
+import contextlib
 import operator
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -17,6 +18,7 @@ import torch.nn as nn
 
 from ..errors import TraceError
 from ..modes import eval_mode
+from ..model_output import build_output, output_path
 from .modules import _drop_unused, analysis_module
 
 
@@ -34,20 +36,23 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
 
     from .inputs import guard_checkable
 
-    with eval_mode(model), warnings.catch_warnings():
+    with eval_mode(model), warnings.catch_warnings(), _dropped_outputs(model, args,
+                                                                       kwargs) as dropped:
         warnings.simplefilter("ignore")
         ep = _export_dynamic(model, args, kwargs)
         if not all(guard_checkable(c) for c in getattr(ep, "_guards_code", None) or []):
             # a condition on the sizes that cannot be checked at call time: the example's sizes
             ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
-    epm = ep.module()
-    graph = _plain_graph(epm.graph)
+        epm = ep.module()
+        graph = _plain_graph(epm.graph)
     _drop_unused(graph)
     gm = analysis_module(epm, graph, type(model).__name__)
     # Tensors the graph does not read (num_batches_tracked, unused layers) stay, so that the
     # state dict keeps the model's keys.
     adopt_tensors(gm, epm)
     gm.meta["structprune_capture"] = "export"
+    # outputs the graph cannot hold (a key/value cache object), returned as None
+    gm.meta["structprune_dropped_outputs"] = sorted(t.__name__ for t in dropped)
     # The conditions on the input sizes the program was captured under (``W <= 4`` from a
     # branch, ``H * W == 16`` from an ``int()``): ``_guards_fn`` is left out of the graph, and
     # ``inputs._guard_shapes`` checks these instead.
@@ -203,9 +208,8 @@ def _plain_graph(old: fx.Graph) -> fx.Graph:
         if n.op == "call_module" and str(n.target).startswith("_guards_fn"):
             continue
         if n.op == "output":
-            flat = fx.map_arg(n.args[0], lambda a: env[a])
-            _check_output_spec(out_spec)
-            graph.output(_plain_containers(pytree.tree_unflatten(list(flat), out_spec)))
+            flat = iter(fx.map_arg(n.args[0], lambda a: env[a]))
+            graph.output(_rebuild_output(graph, out_spec, flat))
             continue
         env[n] = graph.node_copy(n, lambda a: env[a])
     return graph
@@ -215,26 +219,76 @@ _IMMUTABLE = {fx.immutable_collections.immutable_dict: dict,
               fx.immutable_collections.immutable_list: list}
 
 
-def _plain_containers(v: Any) -> Any:
-    """fx's immutable dicts and lists (what a GraphModule such as PyG's ``to_hetero`` model
-    returns) as plain ones, at any depth; other values as they are."""
-    if isinstance(v, dict):
-        return {k: _plain_containers(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_plain_containers(x) for x in v]
-    if type(v) is tuple:
-        return tuple(_plain_containers(x) for x in v)
-    return v
+def _rebuild_output(graph: fx.Graph, spec: Any, leaves: Any) -> Any:
+    """The model's output structure over the graph's output leaves.
 
+    Tuples, lists, dicts and None are fx's own (fx's immutable dicts and lists become plain
+    ones). A dataclass (a Hugging Face ``ModelOutput``) or a named tuple is built by a call of
+    its class in the graph, with the fields the example returned; a type whose leaves were
+    dropped (:func:`_dropped_outputs`) is ``None``. Other containers are refused.
+    """
+    import dataclasses
 
-def _check_output_spec(spec: Any) -> None:
-    """fx can return tuples, lists, dicts and None (fx's immutable dicts and lists become plain
-    ones); other containers cannot be rebuilt."""
     if spec.is_leaf():
-        return
+        return next(leaves)
     t = _IMMUTABLE.get(spec.type, spec.type)
-    if t not in (tuple, list, dict, type(None)):
-        raise TraceError(f"the model returns a {getattr(t, '__name__', t)}, which the exported "
-                         f"graph cannot rebuild")
-    for c in _children(spec):
-        _check_output_spec(c)
+    kids = [_rebuild_output(graph, c, leaves) for c in _children(spec)]
+    if t in _DROPPED:
+        return None
+    if t in (tuple, list):
+        return t(kids)
+    if t in (dict, collections.OrderedDict) or (dataclasses.is_dataclass(t) and isinstance(
+            spec.context, (list, tuple))):
+        fields = dict(zip(spec.context, kids))
+        if t in (dict, collections.OrderedDict):
+            return fields
+        return graph.call_function(build_output, (output_path(t),), fields)
+    if t is type(None):
+        return None
+    if isinstance(t, type) and issubclass(t, tuple) and hasattr(t, "_fields"):
+        return graph.call_function(build_output, (output_path(t), *kids))
+    raise TraceError(f"the model returns a {getattr(t, '__name__', t)}, which the exported "
+                     f"graph cannot rebuild")
+
+
+# Output types :func:`_dropped_outputs` has registered for the export under way.
+_DROPPED: set = set()
+
+
+@contextlib.contextmanager
+def _dropped_outputs(model: nn.Module, args: tuple, kwargs: dict) -> Iterator[set]:
+    """Let ``torch.export`` capture a model whose output holds objects it cannot flatten (a
+    Hugging Face ``DynamicCache``: keys and values of the attention for the next call).
+
+    Such a type is registered, for the duration of the block, as a container with no leaves:
+    the graph leaves it out, and :func:`_rebuild_output` returns ``None`` in its place (the
+    capture's ``meta["structprune_dropped_outputs"]`` names it). The model is run once, only
+    when its output holds a type pytree does not know.
+    """
+    import torch.utils._pytree as pytree
+
+    found: set = set()
+    try:
+        with torch.no_grad():
+            out = model(*args, **kwargs)
+    except Exception:  # the export will say why
+        out = None
+    _unknown_types(out, found, pytree)
+    found -= _DROPPED
+    for t in found:
+        pytree.register_pytree_node(t, lambda obj: ([], None), lambda leaves, ctx: None)
+        _DROPPED.add(t)
+    try:
+        yield found
+    finally:
+        for t in found:
+            pytree._deregister_pytree_node(t)
+            _DROPPED.discard(t)
+
+
+def _unknown_types(value: Any, found: set, pytree: Any) -> None:
+    """The types in ``value`` (at any depth) that are neither leaves torch.export handles nor
+    containers pytree can take apart."""
+    for leaf in pytree.tree_leaves(value):
+        if not (leaf is None or isinstance(leaf, (torch.Tensor, int, float, bool, str))):
+            found.add(type(leaf))
