@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -20,7 +21,7 @@ from ..diagnostics import strict_enabled
 from ..errors import PlanError, UnsupportedOpError
 from ..rules import (Choice, Couple, CoupleContext, Freeze, Frozen, OpRule, Record, Role,
                      RuleKey, Space, describe, lookup, record_leaves, registry, tensor_shapes)
-from .coupling import Solution, SpaceTable, solve
+from .coupling import Solution, SpaceTable, _components, _edges, solve
 from .group import Group, build_groups
 from .inputs import capture_guarded, concrete_args
 from .capture import ExampleInputs, check_model, has_forward_hooks, normalize_inputs
@@ -30,14 +31,23 @@ from .trace import Tracer
 
 @dataclass(frozen=True)
 class FrozenEntry:
-    """A node whose tensors (or some dims of them) may not be pruned, and why."""
+    """A node whose tensors (or some dims of them) may not be pruned, and why.
+
+    ``module`` is the innermost module the node runs in (its path; ``""`` at the top level or
+    where the capture does not say); ``blocks`` whether the freeze holds back a dim that a
+    parameter dim would otherwise be pruned with (False for harmless entries such as the
+    ``arange`` that builds a causal mask).
+    """
 
     node: str
     op: str
     reason: str
+    module: str = field(default="", compare=False)
+    blocks: bool = field(default=True, compare=False)
 
     def __repr__(self) -> str:
-        return f"{self.node} ({self.op}): {self.reason}"
+        where = f" in '{self.module}'" if self.module else ""
+        return f"{self.node} ({self.op}{where}): {self.reason}"
 
 
 #: Reasons of the freezes of the graph's inputs and outputs (graph units open them).
@@ -137,6 +147,7 @@ class DependencyGraph:
         self.roles: dict[Space, str] = {}
         self._frozen: list[FrozenEntry] = []
         self._head_groups: Optional[set[int]] = None
+        self._frozen_sorted: Optional[list[FrozenEntry]] = None
         self._build()
         self.solution: Solution = solve(self.table, self.records)
         self._groups = build_groups(self.table, self.solution, self.roles)
@@ -340,11 +351,101 @@ class DependencyGraph:
         return set(self._head_groups)
 
     def frozen(self) -> list[FrozenEntry]:
-        """Nodes that are frozen (no rule, a rule's caveat, graph I/O is implied) with reasons."""
-        return list(self._frozen)
+        """Nodes that are frozen (no rule, a rule's caveat, graph I/O is implied) with reasons.
+
+        Entries that hold back a prunable dim come first (``entry.blocks``: one of the node's
+        dims would otherwise be in a unit with a parameter dim), then the harmless ones (ops
+        whose tensors carry no prunable dim at all, such as building a mask from ``arange``).
+        A dim that a rule leaves out (frozen without a reason of its own) gets an entry naming
+        the op and its rule where it blocks a prunable dim. Each entry names the innermost
+        module the node runs in (``entry.module``).
+        """
+        if self._frozen_sorted is None:
+            self._frozen_sorted = self._sorted_frozen()
+        return list(self._frozen_sorted)
+
+    def _param_linked(self) -> np.ndarray:
+        """Per element id: whether its unit, before any freeze, holds a parameter element."""
+        couples: list[Record] = []
+
+        def plain(records: Iterable[Record]) -> None:
+            for r in records:
+                if isinstance(r, Couple):
+                    couples.append(r)
+                elif isinstance(r, Choice):
+                    plain(r.options[r.chosen][1])
+
+        plain(self.records)
+        a, b = _edges(self.table, couples, {})
+        label, _ = _components(self.table.total, a, b)
+        param_ids = [self.table.ids(s, None) for s in self.table.order if s.is_param]
+        linked = np.zeros(int(label.max()) + 1, dtype=bool)
+        if param_ids:
+            linked[label[np.concatenate(param_ids)]] = True
+        linked[label[0]] = False  # the frozen sentinel is no unit
+        return linked[label]
+
+    def _sorted_frozen(self) -> list[FrozenEntry]:
+        linked = self._param_linked()
+        nodes = {n.name: n for n in self.graph_module.graph.nodes}
+
+        def blocks(spaces: list[Space]) -> bool:
+            return any(linked[self.table.ids(s, None)].any() for s in spaces
+                       if s in self.table and self.table.size[s])
+
+        def module_of(n: Optional[fx.Node]) -> str:
+            if n is None:
+                return ""
+            if n.op == "call_module":
+                return ""  # the op names the module
+            stack = n.meta.get("nn_module_stack") or {}
+            paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v and v[0]]
+            return paths[-1] if paths else ""
+
+        def spaces_of(n: fx.Node, with_inputs: bool = True) -> list[Space]:
+            own = self._node_spaces(n)
+            if not with_inputs:
+                return own
+            return own + [s for a in n.all_input_nodes for s in self._node_spaces(a)
+                          if not (n.target is operator.getitem and s.is_item)]
+
+        out_node = next((n for n in self.graph_module.graph.nodes if n.op == "output"), None)
+
+        def frozen_by(e: FrozenEntry) -> list[Space]:
+            """The spaces the records behind entry ``e`` freeze."""
+            if e.op == "output":
+                lo, hi = self.record_spans.get(out_node.name, (0, 0)) if out_node else (0, 0)
+                return [r.space for r in self.records[lo:hi] if isinstance(r, Freeze)
+                        and r.space.node == e.node]
+            lo, hi = self.record_spans.get(e.node, (0, 0))
+            return [r.space for r in self.records[lo:hi]
+                    if isinstance(r, Freeze) and r.reason == e.reason]
+
+        entries = []
+        for e in self._frozen:
+            n = nodes.get(e.node)
+            spaces = frozen_by(e) or (spaces_of(n) if n is not None else [])
+            entries.append(replace(e, module=module_of(n), blocks=blocks(spaces)))
+        listed = {e.node for e in entries}
+        reasons = self.solution.freeze_reasons
+        for n in self.graph_module.graph.nodes:  # dims a rule left out, where that blocks
+            if n.name in listed or n.op != "call_function" and n.op != "call_method" \
+                    and n.op != "call_module":
+                continue
+            silent = [s for s in self._node_spaces(n) if reasons.get(s) == ""
+                      and s in self.table and self.table.size[s] and blocks([s])]
+            if silent:
+                rule = self.node_rules.get(n.name)
+                dims = ", ".join(str(s.dim) for s in silent)
+                what = (f"dim {dims} of its output, so that dim stays" if len(silent) == 1
+                        else f"dims {dims} of its output, so those dims stay")
+                entries.append(FrozenEntry(
+                    n.name, describe(n), f"its rule ({type(rule).__name__}) does not couple "
+                    f"{what} whole", module_of(n), True))
+        return sorted(entries, key=lambda e: not e.blocks)
 
     def report_frozen(self) -> str:
-        return "\n".join(repr(e) for e in self._frozen) or "(nothing frozen)"
+        return "\n".join(repr(e) for e in self.frozen()) or "(nothing frozen)"
 
     def space_size(self, space: Space) -> int:
         return self.table.size[space]
