@@ -116,32 +116,39 @@ def _state_spaces(ctx: CoupleContext, hx: Any) -> list[Space]:
     return []
 
 
-@register(*aten_ops("lstm.input", "gru.input", "rnn_tanh.input", "rnn_relu.input"))
+_INPUT_GATES = {op: g for name, g in (("lstm.input", 4), ("gru.input", 3), ("rnn_tanh.input", 1),
+                                        ("rnn_relu.input", 1)) for op in aten_ops(name)}
+
+
+@register(*_INPUT_GATES)
 class AtenRNNInputRule(OpRule):
     """``aten.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
     batch_first)`` and the GRU/RNN twins (a whole ``nn.LSTM`` in a ``torch.export`` graph, e.g.
-    PyG's ``JumpingKnowledge(mode="lstm")``): the input's features are the columns of the first
-    layer's ``w_ih`` in each direction, so they prune with whatever produces them. The hidden
-    units stay whole (stacked layers and directions interleave them; a rule for them is future
-    work), with that reason."""
+    PyG's ``JumpingKnowledge(mode="lstm")``): the units of :class:`RNNForwardRule` (hidden units
+    with their gate rows in every layer and direction, ``proj_size``'s projected units, the
+    input's features as the first layer's ``w_ih`` columns). The graph computes with the
+    weights it is given, so there is no module attribute to follow; a zero initial state the
+    graph builds follows the new sizes (``FactoryRule``)."""
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
-        x, params = ctx.arg(0, "input"), ctx.arg(2, "params")
-        bidirectional = bool(ctx.value(ctx.arg(7, "bidirectional")))
-        sx = ctx.shape(x)
-        if sx is None or not isinstance(params, (list, tuple)):
+        x, hx, params = ctx.arg(0, "input"), ctx.arg(1, "hx"), ctx.arg(2, "params")
+        if ctx.shape(x) is None or not isinstance(params, (list, tuple)) or not all(
+                ctx.shape(w) is not None for w in params):
             return
-        directions = 2 if bidirectional else 1
-        layers = int(ctx.value(ctx.arg(4, "num_layers")) or 1)
-        # per layer and direction: w_ih, w_hh[, b_ih, b_hh][, w_hr: an LSTM's proj_size]
-        stride = len(params) // (layers * directions)
-        for d in range(directions):
-            if d * stride < len(params) and ctx.shape(params[d * stride]) is not None:
-                yield Couple(ctx.space(x, -1), ctx.space(params[d * stride], 1))
-        why = "the recurrent layer's hidden units are kept whole (its input features prune)"
-        for k, s in enumerate(ctx.item_shapes(ctx.node) or []):
-            if s is not None:
-                yield from (Freeze(ctx.item(k, dim), why) for dim in range(len(s)))
+        gates = _INPUT_GATES[ctx.node.target]
+        leaves = dict(ctx.item_leaves(ctx.node))
+        outs = [Space.item(ctx.node.name, k, len(leaves[(k,)]) - 1)
+                for k in range(3 if gates == 4 else 2)]
+        yield from rnn_couplings(
+            ctx, x, hx, list(params), outs, gates, bool(ctx.value(ctx.arg(3, "has_biases"))),
+            int(ctx.value(ctx.arg(4, "num_layers"))), bool(ctx.value(ctx.arg(7, "bidirectional"))),
+            bool(ctx.value(ctx.arg(8, "batch_first"))))
+
+    def macs(self, mctx: Any) -> int:
+        args = mctx.node.args
+        dirs = 2 if args[7] else 1
+        return rnn_macs(mctx.shape(args[0]), [mctx.shape(w) for w in args[2]],
+                        _INPUT_GATES[mctx.node.target], int(args[4]), dirs)
 
 
 # --- whole recurrent modules: nn.LSTM, nn.GRU, nn.RNN ----------------------------------------------

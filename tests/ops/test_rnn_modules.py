@@ -231,3 +231,31 @@ def test_an_lstm_tagger_prunes_half_its_hidden_units():
     before, after = count_macs(sp.trace(m, ids)), count_macs(sp.trace(pruned, ids))
     assert after < 0.3 * before, (before, after)  # about a quarter: both sizes halved
     assert pruned(torch.randint(0, 50, (3, 11))).shape == (3, 11, 5)  # any batch and length
+
+
+class ShapeBranch(Net):
+    """``Net`` behind a branch on a shape, which fx cannot trace: captured by torch.export, the
+    module runs as ``aten.lstm.input`` / ``aten.gru.input`` with its weights as graph values."""
+
+    def forward(self, x):
+        if x.shape[-1] > 0:
+            x = x * 1.0
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls,proj", [(nn.GRU, 0), (nn.LSTM, 4)],
+                         ids=["gru-state", "lstm-proj"])
+def test_export_captured_modules_prune_hidden_units_too(cls, proj):
+    kw = dict(num_layers=2, bidirectional=True, batch_first=True)
+    if proj:
+        kw["proj_size"] = proj
+    m = randomize_(ShapeBranch(cls, state=not proj, **kw)).double().eval()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    pruner = sp.Pruner(m, x, ratio=0.5)
+    assert pruner.graph.graph_module.meta.get("structprune_capture") == "export"
+    plan = drop_units(pruner.graph, {("rnn.weight_hh_l0", 1): [0, 2]})
+    pruned = assert_oracle(pruner, plan)
+    kept = keep(proj or H, [0, 2])
+    assert pruned.get_parameter("rnn.weight_hh_l1_reverse").shape[1] == len(kept)
+    assert pruned(torch.randn(3, 5, 4, dtype=torch.float64))[0].shape == (3, 5, 3)  # any batch
+    assert_rule(m, x, ratio=0.5, onnx=not proj)  # the exporter takes no proj_size
