@@ -6,6 +6,8 @@ Each module defines ``build(num_classes=10, ...) -> nn.Module`` and
 - ``"image"``: CNNs and ViTs in plain PyTorch (``build(num_classes=10, width=1.0, ...)``, inputs
   ``[batch, 3, H, W]``). Large ImageNet models (224x224) are registered for benchmarks but left
   out of ``names()`` unless asked for.
+  ``yolov8n`` is a detector: its output is ``[batch, 4 + num_classes, anchors]`` (``size="s"``
+  builds YOLOv8-s).
 - ``"graph"``: GNNs built from PyTorch Geometric layers (``build(num_features=16,
   num_classes=10, hidden=..., ...)``), listed only by ``names(kind="graph")`` or
   ``names(kind="all")``, since torch_geometric is an optional dependency (``structprune[gnn]``)
@@ -54,6 +56,7 @@ _REGISTRY: dict[str, _Entry] = {
     "vit_sdpa": _Entry("vit", {"attention": "sdpa"}),
     "vit_manual": _Entry("vit", {"attention": "manual"}),
     "convnext": _Entry("convnext"),
+    "yolov8n": _Entry("yolov8", {"size": "n"}),
     "resnet50": _Entry("imagenet_resnet", {"depth": 50}, is_large=True),
     "resnet101": _Entry("imagenet_resnet", {"depth": 101}, is_large=True),
     "resnet152": _Entry("imagenet_resnet", {"depth": 152}, is_large=True),
