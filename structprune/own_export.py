@@ -5,14 +5,13 @@ model. But the graph keeps the model's parameter and buffer names: the model is 
 each sliced tensor in place of its old one, and the copy is the result when its own forward
 computes what the pruned graph computes (on the example inputs and on random ones like them).
 
-* A model that builds itself from a ``config`` (Hugging Face) is built again, on the meta
-  device, from a copy of the config that gives the pruned shapes (:mod:`config_fit`), and gets
-  the copy's tensors: every size the modules derive from the config (heads, head size, KV
-  groups) is then the pruned one, and ``save_pretrained`` / ``from_pretrained`` round-trip.
-* Any other model keeps its modules, whose size attributes (``in_features``,
-  ``out_channels``, ``num_features``...) are set from their sliced weights.
-
-Otherwise the pruned graph is returned, and the reason says why.
+A model that builds itself from a ``config`` (Hugging Face) is built again, on the meta
+device, from a copy of the config that gives the pruned shapes (:mod:`config_fit`), and gets
+the copy's tensors: every size the modules derive from the config (heads, head size, KV
+groups) is then the pruned one, and ``save_pretrained`` / ``from_pretrained`` round-trip.
+Otherwise (other models, or no config that builds the pruned sizes) the pruned graph is
+returned, and the reason says why; the graph calls the model's BatchNorm and Dropout modules
+(``graph/export_capture.py``), so it fine-tunes in ``.train()`` as the original would.
 """
 from __future__ import annotations
 
@@ -38,6 +37,9 @@ def own_class_after_export(model: nn.Module, pruned: fx.GraphModule,
                            example_inputs: tuple[tuple, dict]) -> tuple[Optional[nn.Module], str]:
     """``(copy of model, reason)`` when the model's own forward runs the pruned graph, else
     ``(None, why not)``."""
+    if config_of(model) is None:
+        return None, ("its graph does not run the model's own modules, so the pruned graph is "
+                      "returned")
     mine, theirs = _tensors(model), _tensors(pruned)
     sliced = {}
     for q, new in theirs.items():
@@ -52,16 +54,11 @@ def own_class_after_export(model: nn.Module, pruned: fx.GraphModule,
     if not sliced:
         return None, "nothing was sliced"
     copied = copy_sliced_roots([model], sliced)[0]
-    cfg = config_of(model)
-    if cfg is not None:
-        result, why = _rebuilt(model, copied)
-        if result is None:
-            return None, why
-        kind = (f"{type(model).__name__} is built again from a copy of its config with the "
-                f"pruned sizes")
-    else:
-        _sync_sizes(copied)
-        result, kind = copied, f"{type(model).__name__}'s own forward runs on the pruned modules"
+    result, why = _rebuilt(model, copied)
+    if result is None:
+        return None, why
+    kind = (f"{type(model).__name__} is built again from a copy of its config with the pruned "
+            f"sizes")
     result.train(model.training)
     for inputs in (example_inputs, _random_like(example_inputs)):
         problem = _outputs_differ(result, pruned, inputs)
@@ -110,26 +107,3 @@ def _rebuilt(model: nn.Module, copied: nn.Module) -> tuple[Optional[nn.Module], 
     if callable(tie):
         tie()
     return new, ""
-
-
-def _sync_sizes(root: nn.Module) -> None:
-    """Set the size attributes of ``torch.nn`` modules from their (sliced) weights."""
-    for m in root.modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, nn.Linear):
-            m.out_features, m.in_features = m.weight.shape
-        elif isinstance(m, nn.modules.conv._ConvNd):
-            if m.transposed:
-                m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
-            else:
-                m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
-        elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-            m.num_embeddings, m.embedding_dim = m.weight.shape
-        elif isinstance(m, nn.modules.batchnorm._NormBase):
-            t = w if w is not None else m.running_mean
-            if t is not None:
-                m.num_features = t.shape[0]
-        elif isinstance(m, nn.GroupNorm) and w is not None:
-            m.num_channels = w.shape[0]
-        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and w is not None:
-            m.normalized_shape = tuple(w.shape)

@@ -50,6 +50,7 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     # Tensors the graph does not read (num_batches_tracked, unused layers) stay, so that the
     # state dict keeps the model's keys.
     adopt_tensors(gm, epm)
+    _restore_train_modules(gm, model)
     gm.meta["structprune_capture"] = "export"
     # outputs the graph cannot hold (a key/value cache object), returned as None
     gm.meta["structprune_dropped_outputs"] = sorted(t.__name__ for t in dropped)
@@ -61,6 +62,68 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     gm.meta["structprune_flat_inputs"] = [n.name for n in epm.graph.nodes
                                           if n.op == "placeholder"]
     return gm
+
+
+def _innermost_module(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    entries = [v for v in stack.values() if isinstance(v, tuple) and v and v[0]]
+    return str(entries[-1][0]) if entries else ""
+
+
+def _restore_train_modules(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Calls of the model's ``BatchNorm`` and ``Dropout`` modules back as module calls.
+
+    Export runs in eval mode and writes them as ``aten.batch_norm(..., training=False)`` and
+    ``aten.dropout(x, p, False)``; as calls of the modules themselves (the same objects, with
+    the same tensors) they follow ``.train()`` / ``.eval()`` as in the original, so a pruned
+    graph fine-tunes with batch statistics and dropout. A call that is not exactly its
+    module's (other arguments, a functional call inside another module) stays as it is.
+    """
+    aten = torch.ops.aten
+    changed = False
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target not in (aten.batch_norm.default,
+                                                       aten.dropout.default):
+            continue
+        path = _innermost_module(n)
+        try:
+            m = model.get_submodule(path) if path else None
+        except AttributeError:
+            continue
+        if n.target is aten.batch_norm.default:
+            ok = (isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward in (
+                nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward)
+                and _reads(n.args[1:5], path, ("weight", "bias", "running_mean",
+                                               "running_var"), m))
+        else:
+            ok = isinstance(m, nn.Dropout) and type(m).forward is nn.Dropout.forward and \
+                n.args[1] == m.p
+        if not ok:
+            continue
+        parent, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, m)
+        with gm.graph.inserting_before(n):
+            call = gm.graph.call_module(path, (n.args[0],))
+        call.meta = dict(n.meta)
+        n.replace_all_uses_with(call)
+        gm.graph.erase_node(n)
+        changed = True
+    if changed:
+        _drop_unused(gm.graph)
+        gm.recompile()
+
+
+def _reads(args: Any, path: str, names: tuple, m: nn.Module) -> bool:
+    """Whether ``args`` are the ``get_attr`` nodes of ``m``'s tensors ``names`` (or None where
+    ``m`` has none)."""
+    for a, name in zip(args, names):
+        if getattr(m, name, None) is None:
+            if a is not None:
+                return False
+        elif not (isinstance(a, fx.Node) and a.op == "get_attr"
+                  and a.target == f"{path}.{name}"):
+            return False
+    return True
 
 
 def _export_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> Any:

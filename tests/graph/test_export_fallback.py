@@ -178,7 +178,10 @@ def test_parameters_keep_their_names_and_tensors():
     assert gm.state_dict().keys() == model.state_dict().keys()  # num_batches_tracked too
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
-    assert not any(n.op == "call_module" for n in gm.graph.nodes)  # no _guards_fn
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert not any(t.startswith("_guards_fn") for t in calls)
+    # the BatchNorm calls are the model's own modules again (they follow .train())
+    assert calls and all(isinstance(gm.get_submodule(t), torch.nn.BatchNorm2d) for t in calls)
 
 
 def test_node_names_are_stable_and_masks_name_the_traced_graph():
@@ -282,3 +285,58 @@ def test_bn_scale_importance_sees_the_norm_roles():
     assert roles["bn1.weight"] == "norm" and roles["bn1.running_var"] == "stat"
     assert roles["conv1.weight"] == "out"
     sp.prune(model, x, ratio=0.5, importance="bn_scale")
+
+
+class _ShapeBranchBN(torch.nn.Module):
+    """fx cannot capture it (a branch on a size); its forward makes a tensor of the width of
+    conv's output, so only the pruned graph computes the pruned model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.drop = torch.nn.Dropout(0.5)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = x * 2.0
+        y = self.conv(x) + torch.ones(1, 8, 1, 1)
+        return self.head(self.drop(torch.relu(self.bn(y))))
+
+
+def test_an_exported_graph_fine_tunes_like_the_original():
+    """BatchNorm and Dropout come back as module calls: .train() uses batch statistics,
+    updates the running ones and drops activations, as the original does; .eval() is exact."""
+    torch.manual_seed(0)
+    model, x = _ShapeBranchBN().eval(), torch.randn(4, 3, 8, 8)
+    model.bn.running_mean.uniform_(-1, 1)
+    pruned = sp.prune(model, x, ratio=0.5)
+    assert isinstance(pruned, torch.fx.GraphModule)  # the forward's literal 8 had to change
+    bn = [m for m in pruned.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bn) == 1 and bn[0].num_features == 4
+    assert any(isinstance(m, torch.nn.Dropout) for m in pruned.modules())
+    before = bn[0].running_mean.clone()
+    pruned.train()
+    torch.manual_seed(1)
+    a = pruned(x)
+    torch.manual_seed(2)
+    b = pruned(x)
+    assert not torch.equal(a, b)  # dropout is on
+    assert not torch.equal(bn[0].running_mean, before)  # batch statistics were taken
+    # the original's own training steps give the same running statistics on the kept channels
+    pruned.eval()
+    w = pruned.get_parameter("conv.weight")
+    kept = [i for i in range(8) if any(torch.equal(model.conv.weight[i], w[j])
+                                       for j in range(w.shape[0]))]
+    assert len(kept) == 4
+    model.train()
+    with torch.no_grad():
+        model(x)
+        model(x)
+    model.eval()
+    assert torch.allclose(model.bn.running_mean[kept], bn[0].running_mean, atol=1e-6)
+    assert torch.allclose(model.bn.running_var[kept], bn[0].running_var, atol=1e-6)
+    loss = pruned(x).square().mean()
+    loss.backward()
+    assert pruned.get_parameter("conv.weight").grad is not None
