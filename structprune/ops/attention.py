@@ -112,8 +112,8 @@ def mha_mask(mask: torch.Tensor, like: torch.Tensor, padding: bool = False) -> t
     """An ``nn.MultiheadAttention`` mask as an additive one that broadcasts against the scores
     ``(B, H, L, S)``, in the dtype of ``like`` (the queries, ``(B, H, L, D)``): a bool mask's
     ``True`` (not allowed) becomes ``-inf``, a float mask is added as it is. A
-    ``key_padding_mask`` (``padding``) ``(B, S)`` becomes ``(B, 1, 1, S)``; a 3-D ``attn_mask``
-    ``(B*H, L, S)`` becomes ``(B, H, L, S)``; a 2-D one stays ``(L, S)``. Called at run time
+    ``key_padding_mask`` (``padding``) ``(B, S)`` (or ``(S,)``) becomes ``(B, 1, 1, S)``; a 3-D
+    ``attn_mask`` ``(B*H, L, S)`` (or ``(H, L, S)``) becomes ``(B, H, L, S)``; a 2-D one stays. Called at run time
     (neither the dtype nor the rank is known while tracing); reads no module attribute, so the
     number of heads follows the pruned queries."""
     if mask.dtype == torch.bool:
@@ -121,8 +121,8 @@ def mha_mask(mask: torch.Tensor, like: torch.Tensor, padding: bool = False) -> t
             mask, float("-inf"))
     else:
         mask = mask.to(like.dtype)
-    if padding:
-        return mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
+    if padding:  # (B, S), or (S,) unbatched
+        return mask.reshape(-1, 1, 1, mask.shape[-1])
     if mask.dim() == 3:
         return mask.reshape(like.shape[0], -1, mask.shape[1], mask.shape[2])
     return mask
@@ -143,7 +143,8 @@ class MhaMaskRule(OpRule):
         if sm is None or so is None:
             return
         if bool(ctx.value(ctx.arg(2, "padding", False))):
-            yield Couple(ctx.space(mask, 0), ctx.out(0))
+            if len(sm) == 2:
+                yield Couple(ctx.space(mask, 0), ctx.out(0))
             yield Couple(ctx.space(mask, -1), ctx.out(-1))
         elif len(sm) == 3:
             b, h = so[0], so[1]
@@ -168,7 +169,7 @@ def mha_forward(m: nn.MultiheadAttention, getp: Any, query: Any, key: Any, value
                 attn_mask: Optional[Any] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Any:
     """``nn.MultiheadAttention.forward`` written with traceable functional ops, for batched
-    inputs (``batch_first`` or not).
+    (``batch_first`` or not) and unbatched inputs.
 
     Masks as the module reads them: ``key_padding_mask`` ``(B, S)`` and ``attn_mask`` ``(L, S)``
     or ``(B*H, L, S)``, bool (``True`` = not allowed) or additive float, made additive by
@@ -191,8 +192,15 @@ def mha_forward(m: nn.MultiheadAttention, getp: Any, query: Any, key: Any, value
         return NotImplemented
     if is_causal and attn_mask is None:
         return NotImplemented  # the module raises
-    if not m.batch_first:
-        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    # Batched (B, L, E) or (L, B, E), or unbatched (L, E): the rank is not known while tracing,
+    # so every input is reshaped to (B, L, E) (B = 1 when unbatched) and the outputs back.
+    batch_shape = query.shape[:-2] if m.batch_first else query.shape[1:-1]  # (B,) or ()
+    sizes = query.shape[:-1]
+    if m.batch_first:
+        query, key, value = (t.reshape(-1, t.shape[-2], t.shape[-1]) for t in (query, key, value))
+    else:
+        query, key, value = (t.reshape(t.shape[0], -1, t.shape[-1]).transpose(0, 1)
+                             for t in (query, key, value))
     heads, head_dim = m.num_heads, m.head_dim
     wq, wk, wv = getp("in_proj_weight").chunk(3)
     has_bias = m.in_proj_bias is not None
@@ -228,6 +236,9 @@ def mha_forward(m: nn.MultiheadAttention, getp: Any, query: Any, key: Any, value
     out = m.out_proj(out)
     if not m.batch_first:
         out = out.transpose(0, 1)
-    if attn is not None and average_attn_weights:
-        attn = attn.mean(dim=1)
+    out = out.reshape(sizes + out.shape[-1:])
+    if attn is not None:
+        if average_attn_weights:
+            attn = attn.mean(dim=1)
+        attn = attn.reshape(batch_shape + attn.shape[1:])
     return out, attn

@@ -156,6 +156,31 @@ def test_a_per_head_mask_given_as_input_keeps_the_heads_whole():
     assert_rule(m, (x, mask), ratio=0.5, onnx=False)  # per-head value channels still go
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_unbatched_attention_and_encoder_layer(batch_first):
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, E)
+            self.attn = nn.MultiheadAttention(E, HEADS, batch_first=batch_first)
+            self.layer = nn.TransformerEncoderLayer(E, HEADS, 32, dropout=0.0,
+                                                    batch_first=batch_first)
+            self.out = nn.Linear(E, 3)
+
+        def forward(self, x, padding):  # x: (T, 6), padding: (T,)
+            h = self.inp(x)
+            a, w = self.attn(h, h, h, key_padding_mask=padding, average_attn_weights=False)
+            return self.out(self.layer(a, src_key_padding_mask=padding)), w.sum(0)
+
+    torch.manual_seed(0)
+    m = Unbatched().double().eval()
+    inputs = (torch.randn(T, 6, dtype=torch.float64), kpm()[1])
+    graph_equals_module(m, inputs)
+    assert sp.trace(m, inputs).head_groups()
+    pruned = assert_rule(m, inputs, ratio=0.5, onnx=False)
+    assert pruned.get_parameter("attn.in_proj_weight").shape[0] == 3 * E // 2  # 2 heads left
+
+
 # --- the transformer modules ----------------------------------------------------------------------
 
 class Encoder(nn.Module):
