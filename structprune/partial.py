@@ -159,6 +159,11 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict,
     return calls
 
 
+def _empty(call: Call) -> bool:
+    """Whether a call has a tensor with no elements (a head run on zero detections)."""
+    return any(isinstance(v, torch.Tensor) and v.numel() == 0 for v in pytree.tree_leaves(call))
+
+
 def _as_example(module: nn.Module, call: Call) -> Any:
     """One call's ``(args, kwargs)`` as example inputs for ``sp.trace``: a tuple (keywords bound
     to their positions, skipped defaults filled in), or a dict when called by keyword only."""
@@ -356,6 +361,9 @@ def prune_in_parts(pruner: "Pruner", whole: TraceError) -> nn.Module:
                 continue
             shared = _shared_outside(model, path, m)
             why = f"shares '{shared}' with a module outside it" if shared else None
+            if why is None and all(_empty(c) for c in calls[path]):
+                why = ("every call on the example inputs gets an empty tensor, which would check "
+                       "nothing (give example inputs for which it sees data)")
             if why is None:
                 try:
                     why, part, pruned = _prune_part(part_pruner, path, m, calls[path], kw)

@@ -295,3 +295,22 @@ def test_settings_for_the_whole_model_are_refused_in_parts():
     with pytest.raises(PlanError, match="data=/loss_fn="):
         sp.prune(Opaque(), torch.ones(2, 4), importance="taylor", data=data,
                  loss_fn=nn.functional.mse_loss)
+
+
+def test_part_that_only_sees_empty_tensors_is_kept_with_the_reason():
+    class Refiner(nn.Module):  # a second stage run on the detections, of which there are none
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+            self.refine = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            y = self.body(x)
+            z = self.refine(y[y.sum(1) > 1e9])
+            return (y, z) if bool(z.numel()) else (y, None)
+
+    m = Refiner().eval()
+    pruned = prune_in_parts(m, torch.randn(3, 4), ratio=0.5)
+    kept = {path: why for path, _, why in parts_of(pruned).kept}
+    assert "empty tensor" in kept["refine"] and "empty tensor" in kept["refine.0"]
+    assert pruned.body[0].out_features == 4 and pruned.refine[0].out_features == 8
