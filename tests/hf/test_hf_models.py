@@ -140,3 +140,18 @@ def test_gpt2_heads_are_not_a_config():
     assert pruned.get_parameter("transformer.h.0.attn.c_attn.weight").shape == (64, 96)
     assert not pruner.applied.own_class
     assert "GPT2Config" in pruner.applied.reason
+
+
+def test_pruned_graph_saves_loads_and_exports(tmp_path):
+    """BERT's pruned heads are no BertConfig (its head size is hidden / heads): the graph comes
+    back, rebuilds the SequenceClassifierOutput, saves, loads and exports to ONNX."""
+    pytest.importorskip("onnxruntime")
+    model, inputs = _tiny("bert")
+    _, pruned = _prune(model, inputs)
+    assert isinstance(pruned, torch.fx.GraphModule)
+    sp.save(pruned, str(tmp_path / "m.sp"))
+    again = sp.load(str(tmp_path / "m.sp"))
+    out = again(**inputs)
+    assert type(out).__name__ == "SequenceClassifierOutput"
+    assert torch.equal(out.logits, pruned(**inputs).logits)
+    sp.export_onnx(pruned, (inputs["input_ids"],), str(tmp_path / "m.onnx"), check=True)
