@@ -196,7 +196,7 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, chec
     """
     args, kwargs = normalize_inputs(example_inputs)
     if kwargs:
-        raise ExportError("export_onnx takes positional example inputs (a tensor or a tuple)")
+        args = _leading_positional(model, args, kwargs)
     m = copy.deepcopy(model).float().eval()
     if hasattr(m, "real_recompile"):  # a lazy GraphModule's copy: give it its real signature
         m.real_recompile()
@@ -281,3 +281,23 @@ def _check(m: nn.Module, args: tuple, path: str, rtol: float, atol: float, expor
                               f"{np.abs(g - w).max():.3e} (allowed {atol} + {rtol} x max|output| "
                               f"= {atol + rtol * scale:.3e}; {exporter} exporter)")
     return worst
+
+
+def _leading_positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """Keyword example inputs (``{"input_ids": ids}``) as positional ones, where they are the
+    forward's leading parameters (an ONNX file's inputs are positional)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = names[len(args):len(args) + len(kwargs)]
+    if set(rest) != set(kwargs):
+        missing = [n for n in rest if n not in kwargs]
+        raise ExportError(f"export_onnx takes the forward's leading inputs: "
+                          f"{list(kwargs)} are not forward's next parameters"
+                          + (f" ('{missing[0]}' comes first)" if missing else "")
+                          + "; pass a tuple of positional inputs")
+    return tuple(args) + tuple(kwargs[n] for n in rest)

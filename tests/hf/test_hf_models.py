@@ -154,4 +154,9 @@ def test_pruned_graph_saves_loads_and_exports(tmp_path):
     out = again(**inputs)
     assert type(out).__name__ == "SequenceClassifierOutput"
     assert torch.equal(out.logits, pruned(**inputs).logits)
-    sp.export_onnx(pruned, (inputs["input_ids"],), str(tmp_path / "m.onnx"), check=True)
+    sp.export_onnx(pruned, inputs, str(tmp_path / "m.onnx"), check=True)  # keyword inputs
+    from structprune.export.onnx import ExportError
+
+    with pytest.raises(ExportError, match="'input_ids' comes first"):
+        sp.export_onnx(pruned, {"attention_mask": torch.ones(2, 16, dtype=torch.long)},
+                       str(tmp_path / "n.onnx"))
