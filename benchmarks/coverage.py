@@ -26,6 +26,8 @@ Usage::
 
     python benchmarks/coverage.py                      # all 80 models
     python benchmarks/coverage.py --models resnet18,vit_b_16 --timeout 120
+    python benchmarks/coverage.py --zoo timm           # other zoos: see coverage_zoos.py
+    python benchmarks/coverage.py --zoo all --jobs 2   # the classifiers, then every other zoo
 """
 from __future__ import annotations
 
@@ -458,9 +460,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "(and rewrite its summary)")
     ap.add_argument("--update", action="store_true",
                     help="merge into the existing --out file, replacing only the models run now")
+    ap.add_argument("--zoo", default="torchvision",
+                    help="torchvision (the classifiers, the default: this script), or one of "
+                         "tv-detection, tv-segmentation, tv-video, tv-flow, timm, hf, plain, or "
+                         "all (every zoo); the other zoos run benchmarks/coverage_zoos.py, which "
+                         "takes further options (see its --help)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    if args.zoo != "torchvision":
+        return _run_zoos(args, rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
 
     if args.worker:
         rec = run_one(args.worker, args.tol64, args.tol32, args.f32_above)
@@ -517,6 +528,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     _print_summary(summarize(merged))
     print(f"wrote {args.out}")
     return 0
+
+
+def _run_zoos(args: argparse.Namespace, rest: list[str]) -> int:
+    """``--zoo`` other than torchvision: run ``coverage_zoos.py`` (``all`` runs the classifiers
+    here first, then every other zoo)."""
+    sys.path.insert(0, HERE)
+    import coverage_zoos
+
+    passed = ["--timeout", str(args.timeout), "--tol64", str(args.tol64), "--tol32",
+              str(args.tol32)] + (["--models", args.models] if args.models else []) + rest
+    if args.zoo == "all":
+        rc = main(["--timeout", str(args.timeout)])
+        return rc or coverage_zoos.main(["--zoo", "all"] + passed)
+    return coverage_zoos.main(["--zoo", args.zoo] + passed)
 
 
 def _print_summary(s: dict[str, Any]) -> None:
