@@ -50,6 +50,15 @@ def _apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
         own, reason = own_class_after_export(model, pruned, example_inputs)
         if own is not None:
             return Applied(own, True, reason)
+        dropped = gm.meta.get("structprune_dropped_outputs") or []
+        if dropped:
+            import warnings
+
+            from .errors import StructpruneWarning
+
+            warnings.warn(f"the pruned graph returns None where {type(model).__name__} returns "
+                          f"a {', '.join(dropped)} (a graph cannot hold it): {reason}",
+                          StructpruneWarning, stacklevel=4)
         return Applied(pruned, False, f"captured by torch.export: {reason}")
     with scratch_space():
         dropped = plan.dropped_indices()
