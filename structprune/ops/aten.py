@@ -30,7 +30,8 @@ from .norm import (FunctionalGroupNormRule, LayerNormRule, functional_stats, red
 from .pool import (ChannelShuffleRule, InterpolateRule, PadRule, PixelShuffleRule, Pool1dRule,
                    Pool2dRule, Pool3dRule)
 from .shape import (ArangeRule, CatRule, ExpandRule, FactoryRule, PermuteRule, RepeatRule,
-                    ReshapeRule, ShapeQueryRule, SplitRule, StackRule)
+                    ReshapeRule, ShapeQueryRule, SplitRule, StackRule, size_source,
+                    traced_slice_couplings)
 
 aten = torch.ops.aten
 
@@ -125,7 +126,8 @@ extend(SplitRule, *_ops("split.Tensor", "split.sizes", "split_with_sizes.default
                         "chunk.default", "unbind.int", "tensor_split.sections",
                         "tensor_split.indices"))
 extend(ExpandRule, *_ops("expand.default", "expand_as.default", "broadcast_to.default"))
-extend(RepeatRule, *_ops("repeat.default"))
+extend(RepeatRule, *_ops("repeat.default", "tile.default", "repeat_interleave.self_int",
+                          "repeat_interleave.self_Tensor"))
 extend(ArangeRule, *_ops("arange.default", "arange.start", "arange.start_step"))
 extend(FactoryRule, *_ops("zeros.default", "ones.default", "full.default", "new_zeros.default",
                           "new_ones.default", "new_full.default", "new_empty.default",
@@ -342,6 +344,16 @@ class AtenSliceRule(OpRule):
             return
         dim = ctx.value(ctx.arg(1, "dim", 0)) % len(sx)
         yield from ctx.identity(x, ctx.node, [d for d in range(len(sx)) if d != dim])
+        if any(isinstance(a, fx.Node) for a in ctx.node.args[2:]):
+            # ``pos[:, :x.size(1)]``: the bound stays symbolic (see traced_slice_couplings)
+            if ctx.node.target is aten.narrow.default:
+                yield Freeze(ctx.space(x, dim), f"narrowed at a position or length computed "
+                             f"in the graph: another input size reads other entries")
+                return
+            yield from traced_slice_couplings(ctx, x, dim, dim, None,
+                                              stop=_arg(ctx.node, 3, "end", None),
+                                              start=_arg(ctx.node, 2, "start", None))
+            return
         bounds = _slice_bounds(ctx, ctx.node, sx[dim])
         if bounds is None:
             return
@@ -349,14 +361,25 @@ class AtenSliceRule(OpRule):
         yield Couple(ctx.space(x, dim), ctx.out(dim), np.arange(start, stop),
                      np.arange(stop - start))
 
+    def size_args(self, node: fx.Node) -> set:
+        """``aten.slice``'s ``end`` where it is a tensor's size itself and ``start`` is 0 or
+        None: :func:`~structprune.ops.shape.traced_slice_couplings` ties the sliced dim to
+        that size's dim (or freezes both)."""
+        if node.target is aten.narrow.default:
+            return set()
+        start, end = _arg(node, 2, "start", None), _arg(node, 3, "end", None)
+        if isinstance(start, fx.Node) or start not in (None, 0) or size_source(end) is None:
+            return set()
+        return {3, "end"}
+
     def update(self, actx: Any) -> None:
         node = actx.node
         x = node.args[0]
         sx = actx.old_shape(x)
         dim = actx.value(_arg(node, 1, "dim", 0)) % len(sx)
         dropped = actx.dropped(Space(x.name, dim))
-        if not len(dropped):
-            return
+        if not len(dropped) or any(isinstance(a, fx.Node) for a in node.args[2:]):
+            return  # a traced bound is the pruned size itself (traced_slice_couplings)
         start, stop = _slice_bounds(actx, node, sx[dim])
         new_start = start - int(np.sum(dropped < start))
         kept = (stop - start) - int(np.sum((dropped >= start) & (dropped < stop)))

@@ -167,10 +167,15 @@ class ReduceRule(OpRule):
     A reduced dim is free where a zero entry changes nothing, so that reducing over a pruned
     dim is exact (a removed unit's entries are zero in the masked original): ``sum``,
     ``nansum``, ``any`` and p-norms with ``p >= 0`` (GAT's per-head logits
-    ``(x * att).sum(-1)``, ``F.normalize``'s L2 norm over the channels). Other reductions mix
-    the entries (a mean divides by their count, a max may pick a zero), and the reduced dims
-    are frozen with that reason. ``max(x, dim)`` returns ``(values, indices)``; both items
-    follow the kept dims.
+    ``(x * att).sum(-1)``, ``F.normalize``'s L2 norm over the channels). A ``mean`` is a sum
+    divided by the count: its reduced dims are free as well, and ``update`` multiplies the
+    pruned mean by ``new count / original count`` (an inserted ``mul`` node), so the pruned
+    graph divides by the original size (hand-written RMSNorm ``x.pow(2).mean(-1)``, GAT's
+    mean over heads). Other reductions mix the entries (``var``/``std`` subtract a mean that
+    every entry shares, ``nanmean`` counts the non-NaN entries, a max may pick a zero), and the
+    reduced dims are frozen with that reason. Where graph nodes or edges are units, a mean over
+    them stays frozen (:meth:`graph_couple`): the graph is pruned as data, with no rewrite.
+    ``max(x, dim)`` returns ``(values, indices)``; both items follow the kept dims.
     """
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
@@ -184,7 +189,7 @@ class ReduceRule(OpRule):
         if schema is not None and not any(a.name == "dim" for a in schema.arguments):
             dim = None  # aten.std.default(x, unbiased): every dim (its 2nd argument is no dim)
         else:
-            dim = ctx.arg(dim_pos, "dim")
+            dim = ctx.arg(dim_pos, "dim", ctx.node.kwargs.get("axis"))  # numpy's alias
         if name in ("max", "min") and isinstance(dim, fx.Node):  # torch.max(x, y): binary
             yield from broadcast(ctx, ctx.node.all_input_nodes, ctx.node)
             return
@@ -192,7 +197,7 @@ class ReduceRule(OpRule):
         if reduced is None and ctx.out_shape == sx and len(sx) > 0:  # nansum(x, []): no-op
             yield from ctx.identity(x, ctx.node)
             return
-        neutral = _zero_neutral(ctx, name)
+        neutral = _zero_neutral(ctx, name) or name == "mean"  # mean: rescaled by update()
         weights = neutral and _parameters_only(x)  # the walk only where it can matter
         if neutral and not weights:
             for d in range(len(sx)) if reduced is None else sorted(reduced):
@@ -216,6 +221,60 @@ class ReduceRule(OpRule):
             for i, s in enumerate(item_shapes):
                 if s is not None:
                     yield Couple(ctx.space(x, d), ctx.item(i, od))
+
+    def graph_couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        """A mean over graph nodes or edges divides by their count, which pruning the graph
+        (data, not the model: no rescaling is inserted) changes: those dims stay whole."""
+        if op_name(ctx.node.target) != "mean":
+            return
+        x = ctx.arg(0, "input")
+        sx = ctx.shape(x)
+        if sx is None:
+            return
+        reduced = _reduced_dims(ctx.value(_mean_dim(ctx.node)), len(sx))
+        yield from ctx.freeze(x, "mean divides by the number of rows it reduces: removing "
+                                 "some would change the result",
+                              None if reduced is None else sorted(reduced))
+
+    def update(self, actx: Any) -> None:
+        """A mean over pruned dims: multiply the pruned result by ``new count / old count``,
+        so that it divides the kept entries' sum by the original count (a ``mul`` node inserted
+        right after the call; idempotent, as the apply pass may run twice)."""
+        node = actx.node
+        if op_name(node.target) != "mean" or _MEAN_SCALE in node.meta:
+            return
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        old = actx.old_shape(x) if isinstance(x, fx.Node) else None
+        if old is None:
+            return
+        reduced = _reduced_dims(actx.value(_mean_dim(node)), len(old))
+        factor = 1.0
+        for d in range(len(old)) if reduced is None else sorted(reduced):
+            lost = len(actx.dropped(actx.space(x, d)))
+            if lost:
+                factor *= (old[d] - lost) / old[d]
+        if factor == 1.0:
+            return
+        graph = node.graph
+        mul = aten.mul.Tensor if isinstance(node.target, torch._ops.OpOverload) else operator.mul
+        with graph.inserting_after(node):
+            scaled = graph.call_function(mul, (node, factor))
+        node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        node.meta[_MEAN_SCALE] = scaled
+
+
+#: Set on a mean node once :meth:`ReduceRule.update` has inserted its rescaling ``mul``.
+_MEAN_SCALE = "structprune_mean_scale"
+aten = torch.ops.aten
+
+
+def _mean_dim(node: fx.Node) -> Any:
+    """The ``dim`` argument of a mean call (None for ``mean(x)`` / ``aten.mean.default``,
+    whose second argument is a dtype)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and not any(a.name == "dim" for a in schema.arguments):
+        return None
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis"))
 
 
 _NORMS = ("norm", "linalg_vector_norm")

@@ -639,6 +639,9 @@ class GetItemRule(OpRule):
     them); an int index pins its one index. Tensor indices (``x[edge_index[0]]``) gather along
     the dims they index and map the others through (``scatter.index_couplings``); other
     index kinds (steps, and ints or ``None`` beside a tensor) freeze the dim.
+
+    A slice bound read from a tensor's size (``self.pos[:, :x.shape[1]]``, ``x[:, :n]`` with
+    ``n = x.size(1)``) stays symbolic: see :func:`traced_slice_couplings`.
     """
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
@@ -656,11 +659,16 @@ class GetItemRule(OpRule):
             if indices is not None:
                 yield from index_couplings(ctx, src, indices)
             return
-        plan = _index_plan(ctx.value(index), sx)
+        raw = _index_items(index)
+        plan = _index_plan(_resolved(ctx, index), sx)
         if plan is None:
             return
+        pos = _positions(raw, len(sx))
         for kind, in_d, out_d, val in plan:
-            if kind == "all":
+            item = raw[pos[in_d]] if in_d in pos else None
+            if isinstance(item, slice) and _traced(item):
+                yield from traced_slice_couplings(ctx, src, in_d, out_d, item)
+            elif kind == "all":
                 yield Couple(ctx.space(src, in_d), ctx.out(out_d))
             elif kind == "int":
                 yield Freeze(ctx.space(src, in_d), "", idx=[val])
@@ -668,6 +676,14 @@ class GetItemRule(OpRule):
                 start, stop = val
                 yield Couple(ctx.space(src, in_d), ctx.out(out_d), np.arange(start, stop),
                              np.arange(stop - start))
+
+    def size_args(self, node: fx.Node) -> set:
+        """The index, where every value in it read from the graph is a slice bound that is a
+        tensor's size itself (``x[:, :y.size(1)]``): :func:`traced_slice_couplings` ties the
+        sliced dim to that size's dim, or freezes both."""
+        if len(node.args) < 2 or not _sized_slices_only(node.args[1]):
+            return set()
+        return {1}
 
     def graph_couple(self, ctx: CoupleContext) -> Iterator[Record]:
         """Graph units of a gather by a tensor index (see ``scatter.index_rows``)."""
@@ -690,11 +706,12 @@ class GetItemRule(OpRule):
         if sx is None or any(isinstance(it, fx.Node) and actx.old_shape(it) is not None
                              for it in items_raw):
             return
-        value = actx.value(index)
+        value = _resolved(actx, index)
         plan = _index_plan(value, sx)
         if plan is None:
             return
-        items = _index_items(value)
+        raw = _index_items(index)
+        items = list(raw) if not isinstance(index, fx.Node) else _index_items(value)
         pos = _positions(items, len(sx))
         changed = False
         for kind, in_d, _, val in plan:
@@ -702,6 +719,8 @@ class GetItemRule(OpRule):
             if not len(dropped) or kind == "all":
                 continue
             k = pos[in_d]
+            if isinstance(items[k], slice) and _traced(items[k]):
+                continue  # the bound is the pruned size itself (traced_slice_couplings)
             if kind == "int":
                 items[k] = val - int(np.sum(dropped < val))
             else:
@@ -712,6 +731,78 @@ class GetItemRule(OpRule):
             changed = True
         if changed:
             node.args = (src, tuple(items) if isinstance(value, tuple) else items[0])
+
+
+def _traced(item: slice) -> bool:
+    """Whether a slice has a bound (or step) computed in the graph."""
+    return any(isinstance(b, fx.Node) for b in (item.start, item.stop, item.step))
+
+
+def _resolved(ctx: Any, index: Any) -> Any:
+    """``index`` with every graph value replaced by its value in the run (slices included)."""
+    if isinstance(index, slice):
+        return slice(ctx.value(index.start), ctx.value(index.stop), ctx.value(index.step))
+    if isinstance(index, tuple):
+        return tuple(_resolved(ctx, it) for it in index)
+    return ctx.value(index)
+
+
+def _sized_slices_only(index: Any) -> bool:
+    """Every graph value in ``index`` is the stop of a slice starting at 0 (or None) and is a
+    tensor's size itself (``x.size(1)``, ``x.shape[1]``, ``aten.sym_size.int(x, 1)``)."""
+    items = list(index) if isinstance(index, (tuple, list)) else [index]
+    found = False
+    for it in items:
+        if isinstance(it, fx.Node):
+            return False
+        if isinstance(it, slice) and _traced(it):
+            if isinstance(it.start, fx.Node) or isinstance(it.step, fx.Node) \
+                    or it.start not in (None, 0) or size_source(it.stop) is None:
+                return False
+            found = True
+    return found
+
+
+def traced_slice_couplings(ctx: CoupleContext, x: Any, in_d: int, out_d: int,
+                           item: Any, stop: Any = None, start: Any = None) -> Iterator[Record]:
+    """The couplings of a unit-step slice of ``x``'s dim ``in_d`` whose bound is read from the
+    graph (``pos[:, :x.size(1)]``; a ``slice`` ``item``, or ``start``/``stop`` of
+    ``aten.slice``), producing the output's dim ``out_d``.
+
+    The bound stays symbolic, so another input size reads another range of ``x``. Where the
+    slice starts at 0 and stops at the size of dim ``D`` of a tensor ``y`` itself, the output
+    dim is ``y``'s dim ``D`` index for index: pruning either prunes both, and the pruned bound
+    (``y``'s new size) stops at the kept entries. ``x``'s entries beyond the bound stay whole
+    (another size reads them). Any other computed bound leaves ``x``'s dim and the size's dim
+    whole, with that reason.
+    """
+    if item is not None:
+        start, stop, step = item.start, item.stop, item.step
+    else:
+        step = 1
+    sx = ctx.shape(x)
+    n = sx[in_d]
+    src = size_source(stop)
+    v_start, v_stop, v_step = ctx.value(start), ctx.value(stop), ctx.value(step)
+    bound = stop.name if isinstance(stop, fx.Node) else None
+    follows = (src is not None and not isinstance(start, fx.Node) and start in (None, 0)
+               and v_step in (None, 1) and ctx.shape(src[0]) is not None
+               and isinstance(v_stop, int) and 0 <= v_stop <= n
+               and ctx.shape(src[0])[src[1]] == v_stop and ctx.out_shape[out_d] == v_stop)
+    if follows:
+        y, dim = src
+        yield Couple(ctx.space(x, in_d), ctx.out(out_d), np.arange(v_stop), np.arange(v_stop))
+        yield Couple(ctx.out(out_d), ctx.space(y, dim))
+        if v_stop < n:
+            yield Freeze(ctx.space(x, in_d), f"sliced to the size of dim {dim % len(ctx.shape(y))} "
+                         f"of %{y.name} (%{bound}): another size reads these entries",
+                         idx=np.arange(v_stop, n))
+        return
+    why = (f"sliced at a bound computed in the graph (%{bound or ctx.node.name}): another input "
+           f"size reads other entries, and pruning would move the bound")
+    yield Freeze(ctx.space(x, in_d), why)
+    if src is not None and ctx.shape(src[0]) is not None:
+        yield Freeze(ctx.space(src[0], src[1]), why)
 
 
 def _has_tensor(ctx: CoupleContext, index: Any) -> bool:
@@ -823,14 +914,146 @@ class ExpandRule(OpRule):
                 node.args = (node.args[0], *out)
 
 
-@register("repeat")
+@register("repeat", torch.tile, "tile", torch.repeat_interleave, "repeat_interleave")
 class RepeatRule(OpRule):
-    """``x.repeat(*counts)``: dims repeated once map to themselves; repeated dims stay whole."""
+    """``x.repeat(*counts)`` / ``torch.tile(x, counts)`` and ``x.repeat_interleave(k, dim)``.
+
+    ``repeat`` lays ``k`` copies of a dim of size ``n`` one after the other: output index
+    ``c*n + i`` is input index ``i`` for every copy ``c``, so removing unit ``i`` removes it from
+    every copy and the pruned result is the kept entries repeated ``k`` times, in the same
+    layout (the count is unchanged). ``repeat_interleave(k, dim)`` repeats each entry in
+    place: output indices ``i*k .. i*k+k-1`` are input index ``i``. A dim of size 1 repeated,
+    and the new leading dims ``repeat``/``tile`` add, hold copies of one value: free, as
+    ``expand``'s stretched dims, with their count rewritten where they lose entries.
+    ``repeat_interleave`` with a tensor of repeats is coupled only when every count is the
+    same (then it is rewritten as that int where the dim loses entries); other tensors, and
+    ``dim=None`` (the flattened tensor), leave the dims frozen.
+    """
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x = ctx.arg(0, "input")
         sx, so = ctx.shape(x), ctx.out_shape
+        if sx is None or so is None:
+            return
+        if op_name(ctx.node.target) == "repeat_interleave":
+            yield from self._interleave(ctx, x, sx, so)
+            return
         shift = len(so) - len(sx)
+        if shift < 0:
+            return
+        for d in range(shift):  # new leading dims: copies of the whole input
+            yield Couple(ctx.out(d), ctx.out(d))
         for d, n in enumerate(sx):
-            if so[d + shift] == n:
+            m = so[d + shift]
+            if m == n:
                 yield Couple(ctx.space(x, d), ctx.out(d + shift))
+            elif n == 1:  # copies of one value: free, the count follows (update)
+                yield Couple(ctx.out(d + shift), ctx.out(d + shift))
+            elif n and m % n == 0:
+                yield Couple(ctx.space(x, d), ctx.out(d + shift), np.tile(np.arange(n), m // n),
+                             np.arange(m))
+
+    def _interleave(self, ctx: CoupleContext, x: Any, sx: tuple, so: tuple) -> Iterator[Record]:
+        dim = ctx.value(ctx.arg(2, "dim"))
+        if not isinstance(dim, int) or len(so) != len(sx):
+            yield from ctx.freeze(x, "repeat_interleave without a dim repeats the flattened "
+                                     "tensor: its dims stay whole")
+            return
+        dim %= len(sx)
+        k = _uniform_repeats(constant_value(ctx.arg(1, "repeats")), sx[dim])
+        yield from ctx.identity(x, ctx.node, [d for d in range(len(sx)) if d != dim])
+        if k is not None and so[dim] == k * sx[dim]:
+            yield Couple(ctx.space(x, dim), ctx.out(dim), np.repeat(np.arange(sx[dim]), k),
+                         np.arange(so[dim]))
+        else:
+            yield Freeze(ctx.space(x, dim), "repeat_interleave repeats the entries of this dim "
+                         "by different (or computed) counts: removing one would move the rest")
+
+    def update(self, actx: Any) -> None:
+        node = actx.node
+        x = node.args[0]
+        old, new = actx.old_shape(x), actx.new_shape(x)
+        out_old, out_new = actx.old_shape(node), actx.new_shape(node)
+        if old is None or out_new is None or (old == new and out_old == out_new):
+            return
+        if op_name(node.target) == "repeat_interleave":
+            self._update_interleave(actx, node, old, new)
+            return
+        shift = len(out_new) - len(new)
+        counts = [out_new[d] if d < shift else out_new[d] // max(new[d - shift], 1)
+                  for d in range(len(out_new))]
+        rest = list(node.args[1:2] if isinstance(node.target, torch._ops.OpOverload)
+                    or op_name(node.target) == "tile" else node.args[1:])
+        if "dims" in node.kwargs or "repeats" in node.kwargs:
+            key = "dims" if "dims" in node.kwargs else "repeats"
+            rest = [node.kwargs[key]]
+        seq = len(rest) == 1 and not isinstance(actx.value(rest[0]), int)
+        given = list(actx.value(rest[0])) if seq else list(actx.value(rest))
+        lead = [1] * (len(counts) - len(given))  # tile pads short counts with ones
+        if lead + given == counts:
+            return
+        if any(isinstance(a, fx.Node) for a in ([rest[0]] if seq else rest)) or (
+                seq and any(isinstance(a, fx.Node) for a in rest[0])):
+            raise NotImplementedError("a repeat count read from the graph would change")
+        counts = counts[len(lead):] if lead and counts[:len(lead)] == lead else counts
+        if "dims" in node.kwargs or "repeats" in node.kwargs:
+            node.kwargs = {**node.kwargs, key: tuple(counts)}
+        elif seq:
+            node.args = (x, type(rest[0])(counts), *node.args[2:])
+        else:
+            node.args = (x, *counts)
+
+    def _update_interleave(self, actx: Any, node: fx.Node, old: tuple, new: tuple) -> None:
+        dim = actx.value(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim"))
+        reps = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+        if not isinstance(reps, fx.Node) or old[dim % len(old)] == new[dim % len(new)]:
+            return  # an int count is unchanged
+        k = _uniform_repeats(constant_value(reps), old[dim % len(old)])
+        if k is None:
+            raise NotImplementedError("repeat_interleave with per-entry repeats")
+        if isinstance(node.target, torch._ops.OpOverload):
+            node.target = torch.ops.aten.repeat_interleave.self_int
+        args = list(node.args)
+        if len(args) > 1:
+            args[1] = k
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, "repeats": k}
+
+
+#: Ops that pass a constant tensor through unchanged (``torch.export`` lifts a literal tensor
+#: and copies it: ``detach_(lift_fresh_copy(c_lifted_tensor_0))``).
+_COPIES = ("lift_fresh_copy", "detach", "detach_", "clone", "alias", "_to_copy", "to",
+           "contiguous")
+
+
+def constant_value(a: Any) -> Any:
+    """The value of ``a`` when it is a Python value, or a tensor the graph holds as a constant
+    (a ``get_attr`` node, through copies); None for anything computed."""
+    for _ in range(8):
+        if not isinstance(a, fx.Node):
+            return a
+        if a.op == "get_attr":
+            obj: Any = a.graph.owning_module
+            for part in str(a.target).split("."):
+                obj = getattr(obj, part, None)
+            return obj if isinstance(obj, torch.Tensor) else None
+        if a.op in ("call_function", "call_method") and op_name(a.target) in _COPIES \
+                and a.args and isinstance(a.args[0], fx.Node):
+            a = a.args[0]
+            continue
+        return None
+    return None
+
+
+def _uniform_repeats(reps: Any, n: int) -> Optional[int]:
+    """The one count of ``repeat_interleave``'s ``repeats`` when it is an int, or a tensor of
+    one value (a single entry, or ``n`` equal ones); None for per-entry counts."""
+    if isinstance(reps, int):
+        return reps
+    if isinstance(reps, torch.Tensor) and reps.dim() <= 1 and reps.numel() in (1, n) \
+            and not reps.is_floating_point() and reps.device.type != "meta":
+        vals = reps.flatten()
+        if bool((vals == vals[0]).all()):
+            return int(vals[0])
+    return None

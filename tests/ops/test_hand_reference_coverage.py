@@ -13,7 +13,8 @@ from structprune.graph import depgraph
 from structprune.rules import Frozen, module_rule, registry
 
 from . import (test_hand_references, test_hand_references_aten, test_hand_references_recurrent,
-               test_hand_references_scatter)
+               test_hand_references_scatter, test_head_bias, test_reductions_repeat,
+               test_traced_slices)
 
 
 def _calls(module):
@@ -52,7 +53,8 @@ def test_every_rule_has_a_hand_built_reference(monkeypatch):
     monkeypatch.setattr(depgraph.DependencyGraph, "__init__", recording_init)
     ran = 0
     for module in (test_hand_references, test_hand_references_aten,
-                   test_hand_references_scatter, test_hand_references_recurrent):
+                   test_hand_references_scatter, test_hand_references_recurrent,
+                   test_reductions_repeat, test_traced_slices, test_head_bias):
         for fn, kwargs in _calls(module):
             fn(**kwargs)
             ran += 1
