@@ -99,9 +99,9 @@ def test_recurrent_models_save_and_load(tmp_path, cell):
     """Their derived ``_flat_weights`` are stored as references and rebuilt by the class."""
     m = Recurrent(cell).eval()
     x = torch.randn(2, 5, 6)
-    with pytest.warns(NothingPrunedWarning):  # the recurrent layer has no rule: it stays
-        pruned = sp.prune(m, x, ratio=0.5)
-    assert pruned.get_submodule("fc1").weight.shape[0] < 12  # but the MLP is pruned
+    pruned = sp.prune(m, x, ratio=0.5)
+    assert pruned.get_submodule("fc1").weight.shape[0] < 12
+    assert pruned.get_submodule("rnn").hidden_size < 8  # hidden units, every layer/direction
     for i, model in enumerate([m, pruned]):
         again = _roundtrip(model, x, tmp_path / f"r{i}.sp")
         rnn = again.get_submodule("rnn")

@@ -10,30 +10,18 @@ import structprune as sp
 from structprune.testing import masked_output, max_rel_diff, randomize_
 
 
-class Encoder(nn.Module):
+class BilinearNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
-        self.head = nn.Linear(32, 5)
+        self.bil, self.head = nn.Bilinear(16, 16, 32), nn.Linear(32, 5)
 
     def forward(self, x):
-        return self.head(self.enc(x))
-
-
-class Recurrent(nn.Module):
-    def __init__(self, cell):
-        super().__init__()
-        self.rnn, self.head = cell(16, 32, batch_first=True), nn.Linear(32, 5)
-
-    def forward(self, x):
-        return self.head(self.rnn(x)[0])
+        return self.head(self.bil(x, x))
 
 
 @pytest.mark.parametrize("make, x, culprit", [
-    (Encoder, torch.randn(2, 6, 32), "TransformerEncoder"),
-    (lambda: Recurrent(nn.LSTM), torch.randn(2, 6, 16), "LSTM"),
-    (lambda: Recurrent(nn.GRU), torch.randn(2, 6, 16), "GRU"),
-], ids=["transformer_encoder", "lstm", "gru"])
+    (BilinearNet, torch.randn(2, 16), "Bilinear"),
+], ids=["bilinear"])
 def test_a_prune_that_removes_nothing_says_so_naming_the_frozen_part(make, x, culprit):
     m = make().eval()
     with pytest.warns(sp.NothingPrunedWarning, match="removed nothing") as rec:
@@ -171,11 +159,11 @@ def test_report_shows_ignored_groups_every_frozen_reason_and_what_was_returned()
         def __init__(self):
             super().__init__()
             self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
-            self.rnn = nn.GRU(4, 4)
+            self.bil = nn.Bilinear(4, 4, 4)
 
         def forward(self, x):
             h = self.c(F.relu(self.b(F.relu(self.a(x)))))
-            return self.rnn(h.unsqueeze(0))[0][0]
+            return self.bil(h, h)
 
     m = Net()
     x = torch.randn(3, 8)
@@ -185,7 +173,7 @@ def test_report_shows_ignored_groups_every_frozen_reason_and_what_was_returned()
     assert rows[("b", "c")].ignored and rows[("b", "c")].units_after == 16
     assert not rows[("a", "b")].ignored and rows[("a", "b")].units_after == 8
     text = str(rep)
-    assert "(ignored)" in text and "no rule for torch.nn.modules.rnn.GRU" in text
+    assert "(ignored)" in text and "no rule for torch.nn.modules.linear.Bilinear" in text
     assert "a model output keeps its shape" in text  # every reason, not only the first
     assert "returned: a Net (the model's own class)" in text
     d = rep.to_dict()
