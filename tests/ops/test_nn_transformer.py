@@ -105,8 +105,8 @@ class MHA(nn.Module):
         if not self.bf:
             o = o.transpose(0, 1)
         y = self.out(o)
-        if self.nw:  # read the weights (averaged: a mean over heads; per head: their sum)
-            return y, (w.sum(-1) if self.avg else w.sum((1, 3)))
+        if self.nw and not self.avg:  # per-head weights, read as a sum over heads (exact); a
+            return y, w.sum((1, 3))  # mean over heads is exact only as sum / original count
         return y
 
 
@@ -138,8 +138,8 @@ def test_masked_attention_prunes_heads_like_pytorchs_own_module(case):
     assert pruned.get_parameter("attn.in_proj_weight").shape == (3 * E * 3 // 4, E)
     with torch.no_grad():
         got, want = pruned(*inputs), zeroed_reference(m, plan)(*inputs)
-    if m.nw:  # a zeroed head still has attention weights (a removed one has none): the
-        got, want = got[0], want[0]  # outputs are compared, the weights by the oracle above
+    if m.nw and not m.avg:  # a zeroed head still has attention weights (a removed one has
+        got, want = got[0], want[0]  # none): the outputs are compared, the weights by the oracle
     torch.testing.assert_close(got, want)
     if case == "per_head_3d_mask":  # the mask's rows of a dropped head went with it
         assert pruned.get_parameter("head_bias.weight").shape == (HEADS - 1, 6)
