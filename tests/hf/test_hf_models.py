@@ -95,7 +95,7 @@ def _keep(model):
     return keep[:1] + rotary
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "vit"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "vit", "t5"])
 def test_own_class_and_config_round_trip(name, tmp_path):
     model, inputs = _tiny(name)
     pruner, pruned = _prune(model, inputs, ignore=_keep(model))
