@@ -258,4 +258,4 @@ def test_export_captured_modules_prune_hidden_units_too(cls, proj):
     kept = keep(proj or H, [0, 2])
     assert pruned.get_parameter("rnn.weight_hh_l1_reverse").shape[1] == len(kept)
     assert pruned(torch.randn(3, 5, 4, dtype=torch.float64))[0].shape == (3, 5, 3)  # any batch
-    assert_rule(m, x, ratio=0.5, onnx=not proj)  # the exporter takes no proj_size
+    assert_rule(m, x, ratio=0.5, onnx=False)  # ONNX: checked on fx-captured modules above
