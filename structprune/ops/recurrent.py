@@ -1,4 +1,5 @@
-"""Recurrent cells: ``nn.RNNCell``, ``nn.GRUCell``, ``nn.LSTMCell`` and their ATen ops.
+"""Recurrent cells (``nn.RNNCell``, ``nn.GRUCell``, ``nn.LSTMCell``), whole recurrent modules
+(``nn.RNN``, ``nn.GRU``, ``nn.LSTM``) and their ATen ops.
 
 A cell with hidden size H stacks its G gates in the rows of its weights (RNN: 1, GRU: 3 ``r, z,
 n``, LSTM: 4 ``i, f, g, o``): hidden unit ``j`` owns rows ``g*H + j`` of ``w_ih``, ``w_hh``
@@ -7,6 +8,11 @@ gate of unit ``j`` reads the previous state only through column ``j`` of ``w_hh`
 only entry ``j`` of the new state, so removing the unit (all of it at once) is exact: the
 other units see a zero where it was, which is what the masked original gives them. The input
 features map to the columns of ``w_ih``. GatedGraphConv runs a ``GRUCell`` per layer.
+
+A whole module is traced through as one call of :func:`rnn_forward` whose weights are graph
+values (:class:`RNNModuleRule`, :class:`RNNForwardRule`; ``aten.lstm.input`` and its twins in
+``torch.export`` graphs: :class:`AtenRNNInputRule`): unit ``j`` is one unit in every layer and
+direction, and the masked oracle, zeroing its weight slices, zeroes it at every step.
 """
 from __future__ import annotations
 
