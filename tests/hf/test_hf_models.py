@@ -165,3 +165,20 @@ def test_pruned_graph_saves_loads_and_exports(tmp_path):
     with pytest.raises(ExportError, match="'input_ids' comes first"):
         sp.export_onnx(pruned, {"attention_mask": torch.ones(2, 16, dtype=torch.long)},
                        str(tmp_path / "n.onnx"))
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    part = readme[readme.index("**Hugging Face models as shipped**"):]
+    code = re.search(r"```python\n(.*?)```", part, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope = {"torch": torch, "sp": sp}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, "README.md", "exec"), scope)
+    small = scope["small"]
+    assert type(small).__name__ == "LlamaForCausalLM"
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
