@@ -14,6 +14,8 @@ parameter shapes, ONNX where asked, save/load), then recomputes the pruned netwo
 slices of the original weights. ``Exported`` variants cannot be traced by fx (a shape test in
 ``forward``) and go through the ``torch.export`` capture, whose graphs call the ATen overloads.
 """
+import operator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -85,8 +87,12 @@ SUMS = {
 }
 
 
-@pytest.mark.parametrize("export", [False, True])
-@pytest.mark.parametrize("form", sorted(SUMS))
+#: Forms also run through the export capture (each becomes one of the ATen overloads).
+SUMS_EXPORTED = ("method", "all_dims")  # aten.sum.dim_IntList, aten.sum.default
+
+
+@pytest.mark.parametrize("form,export", [(f, False) for f in sorted(SUMS)]
+                         + [(f, True) for f in SUMS_EXPORTED])
 def test_sum_over_the_pruned_dim_is_the_sum_of_the_kept_entries(form, export):
     fn = SUMS[form]
     m, x = f64(Wrap(fn, export=export)), tokens()
@@ -134,8 +140,11 @@ MEANS_BY_HAND = {
 }
 
 
-@pytest.mark.parametrize("export", [False, True])
-@pytest.mark.parametrize("form", sorted(MEANS))
+MEANS_EXPORTED = ("method", "all_dims", "two_dims")  # aten.mean.dim, aten.mean.default
+
+
+@pytest.mark.parametrize("form,export", [(f, False) for f in sorted(MEANS)]
+                         + [(f, True) for f in MEANS_EXPORTED])
 def test_mean_over_the_pruned_dim_divides_by_the_original_count(form, export):
     m, x = f64(Wrap(MEANS[form], export=export)), tokens()
     assert captured(m, x) == ("export" if export else "fx")
@@ -147,8 +156,8 @@ def test_mean_over_the_pruned_dim_divides_by_the_original_count(form, export):
     torch.testing.assert_close(pruned(x), want)
     # the rescaling is one inserted multiplication by 5/8 (kept / original channels)
     scales = [n.args[1] for n in pruned.graph.nodes
-              if n.op == "call_function" and n.target in (aten.mul.Tensor, __import__(
-                  "operator").mul) and isinstance(n.args[1], float)]
+              if n.op == "call_function" and n.target in (aten.mul.Tensor, operator.mul)
+              and isinstance(n.args[1], float)]
     assert scales == [5 / 8]
 
 
@@ -313,8 +322,12 @@ def _copies(k, n, copies, interleave):
     return torch.tensor([c * n + i for c in range(copies) for i in k.tolist()])
 
 
-@pytest.mark.parametrize("export", [False, True])
-@pytest.mark.parametrize("form", sorted(REPEATS))
+#: aten.repeat.default, aten.tile.default, aten.repeat_interleave.self_int / .self_Tensor
+REPEATS_EXPORTED = ("repeat", "tile", "repeat_interleave", "repeat_interleave_uniform_tensor")
+
+
+@pytest.mark.parametrize("form,export", [(f, False) for f in sorted(REPEATS)]
+                         + [(f, True) for f in REPEATS_EXPORTED])
 def test_repeat_keeps_the_same_units_in_every_copy(form, export):
     fn, c_post, by_hand = REPEATS[form]
     m, x = f64(Wrap(fn, c_post=c_post, export=export)), tokens()
