@@ -441,8 +441,11 @@ def _prune_part(part_pruner: type, path: str, m: nn.Module, calls: list[Call],
 
 def _first_reason(exc: BaseException) -> str:
     """The first line of a structprune error (its message starts with what failed)."""
-    text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-    return text if len(text) <= 200 else text[:197] + "..."
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    text = lines[0]
+    if text.endswith(" at") and len(lines) > 1:  # "... failed in module 'x' at" + the frame
+        text = f"{text} {lines[1]}"
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def _put(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -472,11 +475,39 @@ def _check_called(out: nn.Module, args: tuple, kwargs: dict, calls: dict[str, li
 def forward_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one eager forward (``torch.utils.flop_counter``, FLOPs / 2; ops
     it does not know, such as torchvision's ``roi_align`` and ``nms``, count 0)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from .graph.capture import normalize_inputs
 
-    args, kwargs = normalize_inputs(example_inputs)
-    with FlopCounterMode(display=False) as fc, torch.no_grad(), eval_mode(model):
-        model(*args, **kwargs)
+    return call_macs(model, normalize_inputs(example_inputs))
+
+
+def call_macs(module: nn.Module, call: Call) -> int:
+    """Multiply-accumulates of ``module(*args, **kwargs)`` for one ``(args, kwargs)``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args, kwargs = call
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), eval_mode(module):
+        module(*args, **kwargs)
     return int(fc.get_total_flops()) // 2
+
+
+def parts_macs(model: nn.Module, pruned: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    """MACs of one forward of ``model`` and of its pruned-in-parts copy ``pruned``, counted so
+    that both see the same data: ``before`` is the whole eager forward; ``after`` is ``before``
+    less what each pruned part saves on the inputs the original part received. (Run on its own,
+    the pruned model's data-dependent stages, such as a mask head run once per detection, see
+    other detections and would count other work.)"""
+    from .graph.capture import normalize_inputs
+
+    info = parts_of(pruned)
+    if info is None:
+        raise PlanError("parts_macs takes a model that sp.prune pruned in parts")
+    args, kwargs = normalize_inputs(example_inputs)
+    before = call_macs(model, (args, kwargs))
+    paths = [p.path for p in info.parts if p.pruned]
+    calls = record_calls(model, args, kwargs, paths)
+    saved = 0
+    for path in paths:
+        old, new = model.get_submodule(path), pruned.get_submodule(path)
+        for call in calls[path]:
+            saved += call_macs(old, call) - call_macs(new, call)
+    return before, before - saved

@@ -101,8 +101,9 @@ class Report:
             shapes = ", ".join(str(tuple(s)) for s in self.input_shapes)
             lines.append(f"MACs: one forward pass on the example batch as given, inputs {shapes}")
         if self.parts:
-            lines.append("MACs: counted by torch.utils.flop_counter over the whole eager forward "
-                         "(ops it does not know, e.g. roi_align and nms, count 0)")
+            lines.append("MACs: torch.utils.flop_counter over the whole eager forward (ops it "
+                         "does not know, e.g. roi_align and nms, count 0); after = before less "
+                         "what the pruned parts save on the inputs the original parts received")
             lines += self.parts
         lines.append("")
         if self.groups:
@@ -198,7 +199,7 @@ def _parts_report(model: nn.Module, pruned: nn.Module, example_inputs: ExampleIn
     compared with the original part on the inputs it receives in one forward of the model (its
     groups listed under the part's path); MACs of the whole eager forward, before and after."""
     from .graph.capture import normalize_inputs
-    from .partial import forward_macs, parts_of, record_calls
+    from .partial import parts_macs, parts_of, record_calls
 
     info = parts_of(pruned)
     assert info is not None
@@ -226,8 +227,7 @@ def _parts_report(model: nn.Module, pruned: nn.Module, example_inputs: ExampleIn
         reasons.setdefault(why, []).append(path)
     return Report(sum(p.numel() for p in model.parameters()),
                   sum(p.numel() for p in pruned.parameters()),
-                  forward_macs(model, example_inputs), forward_macs(pruned, example_inputs),
-                  rows, frozen, _input_shapes(args, kwargs),
+                  *parts_macs(model, pruned, example_inputs), rows, frozen, _input_shapes(args, kwargs),
                   f"a {type(pruned).__name__} (the model's own class) with each pruned part put "
                   f"in place", None, reasons, info.summary().splitlines())
 
