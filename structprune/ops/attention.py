@@ -113,9 +113,9 @@ def mha_mask(mask: torch.Tensor, like: torch.Tensor, padding: bool = False) -> t
     ``(B, H, L, S)``, in the dtype of ``like`` (the queries, ``(B, H, L, D)``): a bool mask's
     ``True`` (not allowed) becomes ``-inf``, a float mask is added as it is. A
     ``key_padding_mask`` (``padding``) ``(B, S)`` (or ``(S,)``) becomes ``(B, 1, 1, S)``; a 3-D
-    ``attn_mask`` ``(B*H, L, S)`` (or ``(H, L, S)``) becomes ``(B, H, L, S)``; a 2-D one stays. Called at run time
-    (neither the dtype nor the rank is known while tracing); reads no module attribute, so the
-    number of heads follows the pruned queries."""
+    ``attn_mask`` ``(B*H, L, S)`` (or ``(H, L, S)``) becomes ``(B, H, L, S)``; a 2-D one stays.
+    Called at run time (neither the dtype nor the rank is known while tracing); reads no module
+    attribute, so the number of heads follows the pruned queries."""
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=like.dtype, device=mask.device).masked_fill_(
             mask, float("-inf"))

@@ -157,7 +157,7 @@ class AtenRNNInputRule(OpRule):
                         _INPUT_GATES[mctx.node.target], int(args[4]), dirs)
 
 
-# --- whole recurrent modules: nn.LSTM, nn.GRU, nn.RNN ----------------------------------------------
+# --- whole recurrent modules: nn.LSTM, nn.GRU, nn.RNN --------------------------------------------
 
 #: gates per mode of ``rnn_forward`` (the rows of ``w_ih``/``w_hh`` are ``gates * hidden``)
 _MODE_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}

@@ -16,7 +16,8 @@ V, D = 20, 8
 class Bag(nn.Module):
     def __init__(self, mode="mean", offsets=False, weighted=False, functional=False, **kw):
         super().__init__()
-        self.offsets, self.weighted, self.functional, self.mode = offsets, weighted, functional, mode
+        self.offsets, self.weighted, self.functional = offsets, weighted, functional
+        self.mode = mode
         self.bag = nn.EmbeddingBag(V, D, mode=mode, **kw)
         self.w = nn.Linear(4, 1)  # per-sample weights made in the model
         self.head = nn.Linear(D, 3)
