@@ -70,18 +70,49 @@ _UNARY_METHODS = (
 )
 
 
-@register(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS, *_UNARY_BY_NAME)
+@register(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS, *_UNARY_BY_NAME, F.normalize)
 class UnaryRule(OpRule):
-    """Element-wise on one tensor (activations, dropout, casts): every dim maps to itself."""
+    """Element-wise on one tensor (activations, dropout, casts): every dim maps to itself.
+
+    Also ``F.normalize(x, p, dim)``, ``x / max(||x||_p, eps)`` along ``dim``: for ``p >= 0`` a
+    zero entry leaves the norm unchanged, so that dim maps to itself as well (removing units
+    there is exact); with ``p < 0``, or a tensor computed from parameters alone (a cosine
+    classifier's ``F.normalize(self.weight)``, whose norm would lose the removed entries), the
+    normalised dim stays whole with that reason.
+    """
 
     preserves_shape = True
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x = ctx.arg(0, "input")
+        if ctx.node.op == "call_function" and ctx.node.target is F.normalize:
+            yield from _normalize_couplings(ctx, x)
+            return
         if ctx.shape(x) is not None and ctx.shape(x) == ctx.out_shape:
             yield from ctx.identity(x, ctx.node)
         for a in ctx.node.all_input_nodes[1:]:  # e.g. clamp(min=tensor): broadcast like binary
             yield from broadcast(ctx, [a], ctx.node)
+
+
+def _normalize_couplings(ctx: CoupleContext, x: Any) -> Iterator[Record]:
+    """``F.normalize(x, p=2, dim=1)``: every dim maps to itself; the normalised one only where
+    zeros leave the p-norm unchanged and ``x`` is not a weight alone (see :class:`UnaryRule`)."""
+    sx = ctx.shape(x)
+    if sx is None or sx != ctx.out_shape:
+        return
+    p, dim = ctx.value(ctx.arg(1, "p", 2.0)), ctx.value(ctx.arg(2, "dim", 1))
+    if not isinstance(dim, int):
+        return
+    dim %= len(sx)
+    yield from ctx.identity(x, ctx.node, [d for d in range(len(sx)) if d != dim])
+    if isinstance(p, (int, float)) and p >= 0 and not _parameters_only(x):
+        yield from ctx.identity(x, ctx.node, [dim])
+        return
+    why = ("normalize divides by a norm of a tensor computed from parameters alone: removing "
+           "entries would rescale the kept ones" if isinstance(p, (int, float)) and p >= 0 else
+           f"normalize with p={p} depends on zero entries: removing some would change the norm")
+    yield Freeze(ctx.space(x, dim), why)
+    yield Freeze(ctx.out(dim), why)
 
 
 @register("type_as", "new_tensor")

@@ -120,6 +120,34 @@ def test_sum_of_a_weight_alone_keeps_the_reduced_dim():
     assert any("computed from parameters alone" in e.reason for e in graph.frozen())
 
 
+@pytest.mark.parametrize("p", [2.0, 1.0, float("inf")])
+def test_normalize_over_the_pruned_dim_is_exact(p):
+    """``F.normalize`` (fx keeps it one call): zeros leave a p-norm with ``p >= 0`` unchanged."""
+    m, x = f64(Wrap(lambda s, h: F.normalize(h, p, -1))), tokens()
+    pruned = assert_rule(m, x, drop={"pre": [1, 6]}, onnx=p == 2.0, save_load=False)
+    k = others(8, 1, 6)
+    want = F.linear(F.normalize(pre_k(m, x, k), p, -1), m.post.weight[:, k], m.post.bias)
+    torch.testing.assert_close(pruned(x), want)
+
+
+def test_normalize_of_a_weight_or_with_a_negative_p_keeps_the_dim():
+    class CosineHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.w = nn.Linear(6, 8), nn.Parameter(torch.randn(3, 8))
+
+        def forward(self, x):  # a cosine classifier: the weight's rows normalised
+            return F.linear(self.pre(x), F.normalize(self.w, dim=1))
+
+    graph = sp.trace(f64(CosineHead()), tokens())
+    assert not graph.groups()
+    assert any("norm of a tensor computed from parameters alone" in e.reason
+               for e in graph.frozen())
+    graph = sp.trace(f64(Wrap(lambda s, h: F.normalize(h, -1.0, -1))), tokens())
+    assert not graph.groups()
+    assert any("normalize with p=-1.0" in e.reason for e in graph.frozen())
+
+
 # ----------------------------------------------------------------------------------- mean
 MEANS = {
     "method": lambda s, h: h * h.mean(-1, keepdim=True),
