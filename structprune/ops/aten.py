@@ -368,7 +368,9 @@ class AtenSliceRule(OpRule):
         if node.target is aten.narrow.default:
             return set()
         start, end = _arg(node, 2, "start", None), _arg(node, 3, "end", None)
-        if isinstance(start, fx.Node) or start not in (None, 0) or size_source(end) is None:
+        step = _arg(node, 4, "step", 1)
+        if isinstance(start, fx.Node) or start not in (None, 0) or step != 1 \
+                or size_source(end) is None:
             return set()
         return {3, "end"}
 

@@ -748,8 +748,8 @@ def _resolved(ctx: Any, index: Any) -> Any:
 
 
 def _sized_slices_only(index: Any) -> bool:
-    """Every graph value in ``index`` is the stop of a slice starting at 0 (or None) and is a
-    tensor's size itself (``x.size(1)``, ``x.shape[1]``, ``aten.sym_size.int(x, 1)``)."""
+    """Every graph value in ``index`` is the stop of a unit-step slice starting at 0 (or None)
+    and is a tensor's size itself (``x.size(1)``, ``x.shape[1]``, ``aten.sym_size.int(x, 1)``)."""
     items = list(index) if isinstance(index, (tuple, list)) else [index]
     found = False
     for it in items:
@@ -757,7 +757,8 @@ def _sized_slices_only(index: Any) -> bool:
             return False
         if isinstance(it, slice) and _traced(it):
             if isinstance(it.start, fx.Node) or isinstance(it.step, fx.Node) \
-                    or it.start not in (None, 0) or size_source(it.stop) is None:
+                    or it.start not in (None, 0) or it.step not in (None, 1) \
+                    or size_source(it.stop) is None:
                 return False
             found = True
     return found
