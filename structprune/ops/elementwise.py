@@ -353,7 +353,12 @@ def _keepdim_pos(node: fx.Node, name: str, dim_pos: int) -> int:
 @register(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin,
           torch.softmax, torch.log_softmax, "softmax", "log_softmax", torch.cumsum, "cumsum")
 class SoftmaxRule(OpRule):
-    """Softmax-like ops along one dim: that dim is frozen, every other dim maps to itself."""
+    """Softmax-like ops along one dim: that dim is frozen, every other dim maps to itself.
+
+    ``cumsum`` is the exception: entry ``j`` is the sum of entries ``0..j``, and a zero entry
+    adds nothing, so its dim maps to itself too (removing units there is exact), unless the
+    input is computed from parameters alone (the removed entries would leave the kept sums).
+    """
 
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         x = ctx.arg(0, "input")
@@ -365,3 +370,6 @@ class SoftmaxRule(OpRule):
             return
         dim %= len(sx)
         yield from ctx.identity(x, ctx.node, [d for d in range(len(sx)) if d != dim])
+        if ctx.module is None and op_name(ctx.node.target) == "cumsum" \
+                and ctx.out_shape == sx and not _parameters_only(x):
+            yield from ctx.identity(x, ctx.node, [dim])

@@ -148,6 +148,16 @@ def test_normalize_of_a_weight_or_with_a_negative_p_keeps_the_dim():
     assert any("normalize with p=-1.0" in e.reason for e in graph.frozen())
 
 
+@pytest.mark.parametrize("export", [False, True])
+def test_cumsum_over_the_pruned_dim_sums_the_kept_entries(export):
+    m, x = f64(Wrap(lambda s, h: h.cumsum(-1), export=export)), tokens()
+    pruned = assert_rule(m, x, drop={reader(m, x, "pre"): [0, 4]}, onnx=not export,
+                         save_load=False)
+    k = others(8, 0, 4)
+    want = F.linear(pre_k(m, x, k).cumsum(-1), m.post.weight[:, k], m.post.bias)
+    torch.testing.assert_close(pruned(x), want)
+
+
 # ----------------------------------------------------------------------------------- mean
 MEANS = {
     "method": lambda s, h: h * h.mean(-1, keepdim=True),
