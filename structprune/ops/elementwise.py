@@ -373,3 +373,13 @@ class SoftmaxRule(OpRule):
         if ctx.module is None and op_name(ctx.node.target) == "cumsum" \
                 and ctx.out_shape == sx and not _parameters_only(x):
             yield from ctx.identity(x, ctx.node, [dim])
+
+    def graph_couple(self, ctx: CoupleContext) -> Iterator[Record]:
+        """Graph units: a cumsum over nodes or edges runs over the rows a pruned graph drops
+        (as data, with no rewrite), so that dim stays whole there."""
+        if ctx.module is not None or op_name(ctx.node.target) != "cumsum":
+            return
+        x, dim = ctx.arg(0, "input"), ctx.value(ctx.arg(1, "dim"))
+        if ctx.shape(x) is not None and isinstance(dim, int):
+            yield from ctx.freeze(x, "cumsum runs over the rows it sums: removing some would "
+                                     "change the later sums", [dim % len(ctx.shape(x))])

@@ -316,8 +316,10 @@ def test_gat_with_mean_over_heads_prunes_whole_heads():
     torch.testing.assert_close(pruned(x, ei), m.c2(F.elu(h), ei))
 
 
-def test_mean_over_graph_nodes_still_refuses_node_units():
-    """Graph units: a mean over the nodes stays a refusal (the graph is pruned as data)."""
+@pytest.mark.parametrize("op", ["mean", "cumsum"])
+def test_mean_or_cumsum_over_graph_nodes_still_refuses_node_units(op):
+    """Graph units: a mean or running sum over the nodes stays a refusal (the graph is pruned
+    as data, with no rewrite)."""
     pytest.importorskip("torch_geometric")
     from torch_geometric.data import Data
 
@@ -328,11 +330,11 @@ def test_mean_over_graph_nodes_still_refuses_node_units():
 
         def forward(self, x, edge_index):
             h = self.lin(x)
-            return h - h.mean(0, keepdim=True)
+            return h - h.mean(0, keepdim=True) if op == "mean" else h.cumsum(0)
 
     torch.manual_seed(0)
     data = Data(x=torch.randn(8, 5), edge_index=torch.randint(0, 8, (2, 20)))
-    with pytest.raises(sp.PlanError, match="mean"):
+    with pytest.raises(sp.PlanError, match=op):
         sp.gnn.prune(Centred(), data, node_ratio=0.25)
 
 
