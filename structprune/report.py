@@ -227,7 +227,8 @@ def _parts_report(model: nn.Module, pruned: nn.Module, example_inputs: ExampleIn
         reasons.setdefault(why, []).append(path)
     return Report(sum(p.numel() for p in model.parameters()),
                   sum(p.numel() for p in pruned.parameters()),
-                  *parts_macs(model, pruned, example_inputs), rows, frozen, _input_shapes(args, kwargs),
+                  *parts_macs(model, pruned, example_inputs), rows, frozen,
+                  _input_shapes(args, kwargs),
                   f"a {type(pruned).__name__} (the model's own class) with each pruned part put "
                   f"in place", None, reasons, info.summary().splitlines())
 

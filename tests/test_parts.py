@@ -8,13 +8,12 @@ import warnings
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
 import structprune.testing  # noqa: F401  (sp.testing.randomize_)
-from structprune.errors import NothingPrunedWarning, PlanError, StructpruneWarning, TraceError
+from structprune.errors import PlanError, StructpruneWarning, TraceError
 from structprune.graph.shapes import placeholder_values
 from structprune.oracle import MaskedInterpreter, flatten_outputs
 from structprune.partial import parts_of
