@@ -18,6 +18,7 @@ from .graph.shapes import ShapeInterpreter, placeholder_values
 from .graph.trace import Tracer
 from .modes import eval_mode
 from .oracle import flatten_outputs
+from .rules import module_rule
 
 
 def own_forward_differs(model: nn.Module, gm: fx.GraphModule, graph: Any,
@@ -28,10 +29,12 @@ def own_forward_differs(model: nn.Module, gm: fx.GraphModule, graph: Any,
     Exact and cheap where it can be: ``model`` is traced again, the same way, and must give
     ``gm``'s graph node for node (a forward that reads a pruned attribute, branches on one or
     bakes one into a literal traces to another graph). A module the tracer replaces by a
-    functional equivalent (``nn.MultiheadAttention``) runs its own forward in the model, so
+    functional equivalent (a rule that ``decomposes``: ``nn.MultiheadAttention``, the
+    transformer modules, ``nn.LSTM``/``GRU``/``RNN``) runs its own forward in the model, so
     there the outputs are compared instead, on the example inputs and random ones like them.
     """
-    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+    if not any(getattr(module_rule(m, graph.rules), "decomposes", False)
+               for m in model.modules()):
         return _retrace_differs(model, gm, graph, example_inputs)
     for inputs in (example_inputs, _random_like(example_inputs)):
         problem = _outputs_differ(model, gm, inputs, graph.traced_training)

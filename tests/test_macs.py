@@ -219,4 +219,4 @@ def test_a_graph_the_meta_device_cannot_run_still_counts_its_leaves():
         m.to("meta")(x.to("meta"))
     m = DataDependent().eval()
     total, per_node = count_macs(sp.trace(m, x), per_node=True)
-    assert per_node == {"lstm": 4 * 8 * (4 + 8) * 2 * 5, "fc": 2 * 5 * 8 * 3}
+    assert per_node == {"rnn_forward": 4 * 8 * (4 + 8) * 2 * 5, "fc": 2 * 5 * 8 * 3}

@@ -308,6 +308,9 @@ def _rebuild_output(graph: fx.Graph, spec: Any, leaves: Any) -> Any:
         return graph.call_function(build_output, (output_path(t),), fields)
     if t is type(None):
         return None
+    if isinstance(spec.context, type) and issubclass(spec.context, tuple) and hasattr(
+            spec.context, "_fields"):  # pytree keeps a named tuple's class as its context
+        return graph.call_function(build_output, (output_path(spec.context), *kids))
     if isinstance(t, type) and issubclass(t, tuple) and hasattr(t, "_fields"):
         return graph.call_function(build_output, (output_path(t), *kids))
     raise TraceError(f"the model returns a {getattr(t, '__name__', t)}, which the exported "

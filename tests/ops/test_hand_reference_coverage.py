@@ -12,9 +12,9 @@ import pytest
 from structprune.graph import depgraph
 from structprune.rules import Frozen, module_rule, registry
 
-from . import (test_hand_references, test_hand_references_aten, test_hand_references_recurrent,
-               test_hand_references_scatter, test_head_bias, test_reductions_repeat,
-               test_traced_slices)
+from . import (test_embedding_bag, test_hand_references, test_hand_references_aten,
+               test_hand_references_recurrent, test_hand_references_scatter, test_head_bias,
+               test_nn_transformer, test_reductions_repeat, test_rnn_modules, test_traced_slices)
 
 
 def _calls(module):
@@ -54,7 +54,8 @@ def test_every_rule_has_a_hand_built_reference(monkeypatch):
     ran = 0
     for module in (test_hand_references, test_hand_references_aten,
                    test_hand_references_scatter, test_hand_references_recurrent,
-                   test_reductions_repeat, test_traced_slices, test_head_bias):
+                   test_reductions_repeat, test_traced_slices, test_head_bias,
+                   test_rnn_modules, test_nn_transformer, test_embedding_bag):
         for fn, kwargs in _calls(module):
             fn(**kwargs)
             ran += 1

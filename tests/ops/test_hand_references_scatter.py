@@ -229,13 +229,18 @@ def test_a_reduction_zeros_do_not_change_prunes_the_reduced_dim(reduce):
     torch.testing.assert_close(pruned(x), sliced(m, x, keep(C, 2, 5), fn))
 
 
-def test_a_mean_over_the_channels_keeps_them():
-    """A mean divides by the count: removing channels would change it, so they stay whole,
-    and the frozen list names the op."""
-    m, x = f64(MP(lambda s, h: h - h.mean(-1, keepdim=True))), nodes()
-    graph = sp.trace(m, x)
+def test_a_mean_over_the_channels_divides_by_the_original_count():
+    """A mean is the kept channels' sum over the original count: the channels prune (the
+    pruned graph multiplies the mean by kept / original); a variance, whose mean every entry
+    shares, keeps them whole with the op named."""
+    fn = lambda s, h: h - h.mean(-1, keepdim=True)  # noqa: E731
+    m, x = f64(MP(fn)), nodes()
+    pruned = assert_rule(m, x, drop={"lin1": [2, 5]}, onnx=False, save_load=False)
+    torch.testing.assert_close(pruned(x), sliced(m, x, keep(C, 2, 5),
+                                                 lambda s, h: h - h.sum(-1, keepdim=True) / C))
+    graph = sp.trace(f64(MP(lambda s, h: h - h.var(-1, keepdim=True))), x)
     assert not any("lin1.weight" in str(g) for g in graph.groups())
-    assert any("mean mixes the entries" in e.reason for e in graph.frozen())
+    assert any("var mixes the entries" in e.reason for e in graph.frozen())
 
 
 def test_self_loops_from_arange_add_each_node_to_itself():

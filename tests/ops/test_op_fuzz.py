@@ -544,9 +544,11 @@ def test_every_key_is_fuzzed():
 #: Rule classes whose keys have no fuzz family yet (shape ops, conv/linear/matmul, shuffles,
 #: factories, indexing): covered by the hand-built references only.
 NOT_FUZZED = [
-    "AddmmRule", "AlongDimsRule", "ArangeRule", "AtenConvTransposeRule", "AtenConvolutionRule",
+    "AddmmRule", "AlongDimsRule", "ArangeRule", "BuildOutputRule", "AtenConvTransposeRule", "AtenConvolutionRule",
     "AtenCellRule", "AtenEmbeddingRule", "AtenPReLURule", "AtenRNNInputRule", "CellRule", "AtenSelectRule", "AtenSliceRule", "CatRule",
-    "ChannelShuffleRule", "ConvRule", "ConvTransposeRule", "EinsumRule", "EmbeddingRule",
+    "ChannelShuffleRule", "ConvRule", "ConvTransposeRule", "EinsumRule", "EmbeddingBagRule",
+    "EmbeddingRule", "FunctionalEmbeddingBagRule", "MhaMaskRule", "RNNForwardRule",
+    "RNNModuleRule", "TransformerRule",
     "ExpandRule", "FactoryRule", "FunctionalConvRule", "FunctionalEmbeddingRule",
     "FunctionalLinearRule", "GetAttrRule", "GetItemRule", "LinearRule", "MatmulRule",
     "MultiheadAttentionRule",

@@ -3,13 +3,16 @@
 
 ``test_every_rule_is_covered`` fails when a rule is added to the registry without a case here.
 """
+import typing
+
 import pytest
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import structprune as sp
-from structprune.rules import registry
+from structprune.rules import module_rule, registry
 from structprune.testing import assert_rule, randomize_
 
 
@@ -112,7 +115,78 @@ class AtenLSTM(nn.Module):
                                                    0.0, False, True, True)[0])
 
 
+class RNNs(nn.Module):
+    """Whole recurrent modules (``ops/recurrent.py``): a 2-layer bidirectional LSTM, a GRU on
+    an initial state made by a Linear, and a ReLU RNN."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.h0 = nn.Linear(6, 8), nn.Linear(6, 4)
+        self.lstm = nn.LSTM(8, 4, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(8, 4, batch_first=True)
+        self.rnn = nn.RNN(4, 5, nonlinearity="relu", batch_first=True)
+        self.post = nn.Linear(5, 3)
+
+    def forward(self, x):
+        a = self.pre(x)
+        y, (h, c) = self.lstm(a)
+        g, _ = self.gru(y, self.h0(x.mean(1)).unsqueeze(0))
+        return self.post(self.rnn(g)[0])
+
+
+class MaskedEncoder(nn.Module):
+    """``nn.TransformerEncoder`` (``ops/transformer.py``) on a causal mask built in forward,
+    and an ``nn.MultiheadAttention`` with a per-head 3-D mask (``mha_mask``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.bias = nn.Linear(6, 8), nn.Linear(6, 2)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1,
+            enable_nested_tensor=False)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.post = nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        causal = x.new_ones((t, t), dtype=torch.bool).triu(1)
+        h = self.enc(self.pre(x), mask=causal)
+        m = self.bias(x).transpose(1, 2).unsqueeze(-1).expand(b, 2, t, t).reshape(b * 2, t, t)
+        return self.post(self.attn(h, h, h, attn_mask=m, need_weights=False)[0])
+
+
+class Bags(nn.Module):
+    """``nn.EmbeddingBag`` (mean, offsets) and ``F.embedding_bag`` (max) on one table."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag, self.lin = nn.EmbeddingBag(10, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        a = self.bag(ids.flatten(), torch.tensor([0, 3, 6]))
+        return self.lin(F.relu(a + F.embedding_bag(ids[:, :3], self.bag.weight, mode="max")))
+
+
+class _Logits(typing.NamedTuple):
+    logits: torch.Tensor
+
+
+class NamedTupleOut(nn.Module):
+    """Branches on a size (so torch.export captures it) and returns a named tuple, which the
+    exported graph rebuilds with ``build_output``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        if x.shape[-1] > 2:
+            x = x * 2.0
+        return _Logits(self.b(F.relu(self.a(x))))
+
+
 CASES = {
+    "model_output_named_tuple": (NamedTupleOut, img),
     # elementwise, activations, broadcasting
     "relu_module": (lambda: Seq(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(0.1), nn.Conv2d(8, 2, 1)), img),
     "functional_unary": (lambda: Net(lambda s, x: torch.sigmoid(F.gelu(x)).clone().contiguous()), img),
@@ -171,6 +245,9 @@ CASES = {
     "gru_lstm_cells": (Cells, lambda: img((3, 6))),
     "aten_gru_cell": (AtenCell, lambda: img((3, 6))),
     "aten_lstm_whole": (AtenLSTM, lambda: img((2, 3, 6))),
+    "lstm_gru_rnn_modules": (RNNs, tok),
+    "transformer_encoder_mha_masks": (MaskedEncoder, tok),
+    "embedding_bags": (Bags, lambda: torch.randint(0, 10, (3, 3))),
     # attention
     "sdpa_heads": (lambda: Heads(sdpa=True), tok),
     "mha": (lambda: MHANet(), tok),
@@ -289,7 +366,13 @@ def test_every_rule_is_covered():
     used = set()
     for name in CASES:
         model, x = _build(name)
-        used |= {type(r).__name__ for r in sp.trace(model, x).node_rules.values()}
+        graph = sp.trace(model, x)
+        used |= {type(r).__name__ for r in graph.node_rules.values()}
+        # a rule that decomposes its module (nn.MultiheadAttention) shows as the ops it traced
+        calls = {n.target for n in graph.graph_module.graph.nodes if n.op == "call_module"}
+        used |= {type(module_rule(m, graph.rules)).__name__ for path, m in model.named_modules()
+                 if getattr(module_rule(m, graph.rules), "decomposes", False)
+                 and path not in calls}
     defined = {type(r).__name__ for r in registry().values()}
     missing = defined - used - {"Frozen"}
     assert not missing, f"rules without a test case: {sorted(missing)}"

@@ -83,7 +83,7 @@ def test_size_used_as_value_freezes_the_dim(name):
 class Attention(nn.Module):
     """Multi-head self-attention with the scale read from ``q.size(-1)`` (the head dim).
 
-    ``mean_heads`` averages the attention maps over heads into the output, which freezes the
+    ``mean_heads`` takes the largest attention map over heads into the output, which freezes the
     heads: the reshape's choice then falls on the head dim, which the scale freezes as well.
     """
 
@@ -108,7 +108,7 @@ class Attention(nn.Module):
             o = o.transpose(1, 2).reshape(B, T, H * D)
         out = self.proj(o)
         if self.mean_heads:
-            out = out + attn.mean(1).sum(-1, keepdim=True)
+            out = out + attn.amax(1).sum(-1, keepdim=True)
         return out
 
 
