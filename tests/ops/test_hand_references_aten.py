@@ -6,6 +6,8 @@ prunes named channels with :func:`assert_rule` (all oracle checks), then recompu
 network by hand from slices of the original tensors and compares. The last test does the same
 for a whole model that fx cannot trace, through the ``torch.export`` fallback.
 """
+import typing
+
 import pytest
 import torch
 import torch.fx as fx
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 
 import structprune as sp
 from structprune.graph.capture import capture
+from structprune.model_output import build_output
 from structprune.rules import registry
 from structprune.testing import assert_rule, randomize_
 
@@ -291,3 +294,36 @@ def test_exported_model_against_a_narrower_twin():
         new[key] = v
     twin.load_state_dict(new)
     torch.testing.assert_close(pruned(x), twin(x))
+
+
+class _Pair(typing.NamedTuple):
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class PairOut(nn.Module):
+    """fx cannot trace it (a branch on a size); it returns a named tuple, which the exported
+    graph rebuilds with ``build_output``; its fields keep their shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.mid, self.post = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        if x.shape[-1] > 2:
+            x = x * 2.0
+        h = self.mid(F.relu(self.pre(x)))
+        return _Pair(self.post(F.relu(h)), h)
+
+
+def test_a_named_tuple_output_is_rebuilt_and_its_fields_keep_their_shapes():
+    m, x = f64(PairOut()), img()
+    pruned = assert_rule(m, x, drop={"conv2d": [1, 6]})  # ONNX and save/load too
+    out = pruned(x)
+    assert type(out) is _Pair and out.features.shape[1] == 6  # an output: mid stays whole
+    k = others(8, 1, 6)
+    h = F.conv2d(F.relu(F.conv2d(x * 2.0, m.pre.weight[k], m.pre.bias[k])),
+                 m.mid.weight[:, k], m.mid.bias)
+    torch.testing.assert_close(out.features, h)
+    torch.testing.assert_close(out.logits, F.conv2d(F.relu(h), m.post.weight, m.post.bias))
+    assert any(n.target is build_output for n in pruned.graph.nodes)
