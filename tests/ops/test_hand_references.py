@@ -478,3 +478,26 @@ def test_shape_queries_read_the_pruned_sizes():
     cols = torch.tensor([c * 9 + j for c in k.tolist() for j in range(9)])
     want = F.linear(h.flatten(1), model.fc.weight[:, cols], model.fc.bias)
     torch.testing.assert_close(pruned(x), want)
+
+
+class _EmptyCacheCat(nn.Module):
+    """A key/value cache's first update: ``cat([empty, k], dim=1)`` with a 1-D empty tensor,
+    which torch's cat skips."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.register_buffer("past", torch.tensor([], dtype=torch.float64))
+
+    def forward(self, x):
+        k = torch.cat([self.past, F.relu(self.a(x))], dim=-1)
+        return self.b(k)
+
+
+def test_cat_skips_a_one_dimensional_empty_tensor():
+    m, x = f64(_EmptyCacheCat()), torch.randn(2, 5, 4, dtype=torch.float64)
+    pruned = assert_rule(m, x, drop={"a": [0, 5]})
+    keep = [i for i in range(8) if i not in (0, 5)]
+    want = F.linear(F.relu(F.linear(x, m.a.weight[keep], m.a.bias[keep])), m.b.weight[:, keep],
+                    m.b.bias)
+    torch.testing.assert_close(pruned(x), want)
