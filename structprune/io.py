@@ -486,6 +486,13 @@ def save(model: nn.Module, path: str, example_inputs: Any = None) -> None:
     """
     from safetensors.torch import save_file
 
+    from .partial import parts_of
+
+    if parts_of(model) is not None:
+        raise SerializationError(f"{type(model).__name__} was pruned in parts (it cannot be "
+                                 f"captured whole), so it is no graph to store: use "
+                                 f"torch.save(model, path) and torch.load(path, "
+                                 f"weights_only=False)")
     gm = _as_graph_module(model, example_inputs)
     tensors, kinds, refs = _tensor_table(gm)
     modules: dict[str, dict] = {}

@@ -149,13 +149,47 @@ def _export_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     raise first
 
 
+#: Seconds the strict (TorchDynamo) attempt may take. On a torchvision detector it spends
+#: minutes in sympy and then crashes the process (a segfault); the other attempts fail fast.
+STRICT_EXPORT_SECONDS = 90.0
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_budget(seconds: float) -> Iterator[None]:
+    """Raise :class:`_OutOfTime` in the block after ``seconds`` (a ``SIGALRM`` timer, only in
+    the main thread of a POSIX process with no timer of its own running; else no budget)."""
+    import signal
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or not hasattr(signal, "setitimer") or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        yield
+        return
+
+    def out_of_time(signum: int, frame: Any) -> None:
+        raise _OutOfTime(f"torch.export (strict) took more than {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, out_of_time)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _export_strict(model: nn.Module, args: tuple, kwargs: dict, dynamic: Any) -> Any:
     import torch._dynamo
 
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
         try:
-            return torch.export.export(model, tuple(args), dict(kwargs), strict=True,
-                                       dynamic_shapes=dynamic)
+            with _time_budget(STRICT_EXPORT_SECONDS):
+                return torch.export.export(model, tuple(args), dict(kwargs), strict=True,
+                                           dynamic_shapes=dynamic)
         finally:
             torch._dynamo.reset()
 

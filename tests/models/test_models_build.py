@@ -7,6 +7,7 @@ import torch.fx
 import models
 
 SEGMENTATION = {"unet"}
+DETECTION = {"yolov8n"}
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -22,7 +23,12 @@ def test_model_builds_runs_and_traces(name: str) -> None:
         out_traced = traced(*inputs)
 
     batch, _, height, width = inputs[0].shape
-    expected = (batch, 7, height, width) if name in SEGMENTATION else (batch, 7)
+    if name in SEGMENTATION:
+        expected = (batch, 7, height, width)
+    elif name in DETECTION:  # 4 box coordinates + 7 classes, one anchor per cell of 3 levels
+        expected = (batch, 4 + 7, sum((height // s) * (width // s) for s in (8, 16, 32)))
+    else:
+        expected = (batch, 7)
     assert out.shape == expected
     assert out.dtype == torch.float64
     assert torch.isfinite(out).all()
