@@ -340,3 +340,41 @@ def test_an_exported_graph_fine_tunes_like_the_original():
     loss = pruned(x).square().mean()
     loss.backward()
     assert pruned.get_parameter("conv.weight").grad is not None
+
+
+def test_the_strict_attempt_has_a_time_budget(monkeypatch):
+    """A strict export that runs too long (minutes in sympy on a torchvision detector, then a
+    segfault) is abandoned, and the next attempt runs."""
+    import time
+
+    from structprune.graph import export_capture
+
+    with pytest.raises(export_capture._OutOfTime):
+        with export_capture._time_budget(0.2):
+            end = time.time() + 5
+            while time.time() < end:
+                pass
+    calls = []
+
+    def slow_strict(*a, **k):
+        calls.append("strict")
+        end = time.time() + 5
+        while time.time() < end:
+            pass
+
+    monkeypatch.setattr(export_capture, "STRICT_EXPORT_SECONDS", 0.3)
+    real = torch.export.export
+
+    def export(model, args, kwargs=None, *, strict=False, dynamic_shapes=None, **kw):
+        if strict:
+            return slow_strict()
+        if dynamic_shapes is not None:
+            raise RuntimeError("non-strict with open sizes fails")
+        return real(model, args, kwargs, strict=False)
+
+    monkeypatch.setattr(torch.export, "export", export)
+    model, x = build("int_sizes")
+    t = time.time()
+    gm = sp.trace(model, x).graph_module
+    assert calls == ["strict"] and time.time() - t < 4
+    assert gm.meta["structprune_capture"] == "export"
