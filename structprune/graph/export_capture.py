@@ -151,7 +151,7 @@ def _export_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> Any:
 
 #: Seconds the strict (TorchDynamo) attempt may take. On a torchvision detector it spends
 #: minutes in sympy and then crashes the process (a segfault); the other attempts fail fast.
-STRICT_EXPORT_SECONDS = 90.0
+STRICT_EXPORT_SECONDS = 45.0
 
 
 class _OutOfTime(Exception):
