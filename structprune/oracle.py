@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .graph.depgraph import DependencyGraph
 from .graph.capture import normalize_inputs
-from .graph.shapes import placeholder_values
+from .graph.shapes import _load_args, placeholder_values
 from .plan import Plan
 
 
@@ -24,6 +24,11 @@ class MaskedInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, masks: dict[str, Any]) -> None:
         super().__init__(gm)
         self.masks = {k: (v if isinstance(v, list) else [v]) for k, v in masks.items()}
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple:
+        # plain lists and dicts, as the generated code passes them: a function may mutate a
+        # list argument (torchvision's 3-D Swin edits its window size), fx's own are immutable
+        return _load_args(n.args, self.env), _load_args(n.kwargs, self.env)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)

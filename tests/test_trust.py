@@ -236,3 +236,26 @@ def test_head_ratio_prunes_heads_apart_from_channels(name):
     assert max_rel_diff(pruner.apply(plan)(*x), masked_output(pruner.graph, plan)) < 1e-9
     only_channels = sp.Pruner(m, x, ratio=0.5, head_ratio=0.0).plan()
     assert not set(only_channels.drops) & heads
+
+
+@torch.fx.wrap
+def _clip_to(size: list, x):
+    size[0] = min(size[0], x.shape[-1])  # mutates its list argument (torchvision's Swin3d does)
+    return x[..., : size[0]]
+
+
+class _MutatesAList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.b(_clip_to([3, 5], F.relu(self.a(x))))
+
+
+def test_the_oracle_passes_plain_lists_to_functions_that_mutate_them():
+    from structprune.testing import assert_oracle
+
+    m, x = _MutatesAList().eval(), torch.randn(2, 4)
+    pruned = assert_oracle(sp.Pruner(m, x, ratio=0.5))
+    assert pruned(x).shape == (2, 2)
