@@ -600,6 +600,8 @@ class SplitRule(OpRule):
             return
         x = node.args[0]
         sx = actx.old_shape(x)
+        if sx is None:  # no shape recorded: couple() related nothing, so nothing changes
+            return
         dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         dim = actx.value(dim_arg) % len(sx)
         old = [s[dim] for s in actx.old_items(node)]
