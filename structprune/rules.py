@@ -641,6 +641,16 @@ class CoupleContext:
         for d in dims if dims is not None else range(len(s)):
             yield Freeze(self.space(a, d), reason)
 
+    def freeze_call(self, reason: str) -> Iterator[Freeze]:
+        """Freeze every dim of the node's inputs and output (the items of a tuple output too):
+        a module call kept whole."""
+        for path, s in self.item_leaves(self.node):
+            for d in range(len(s)):
+                yield Freeze(Space.item(self.node.name, path, d), reason)
+        yield from self.freeze(self.node, reason)
+        for a in self.node.all_input_nodes:
+            yield from self.freeze(a, reason)
+
 
 def tensor_inputs(node: fx.Node, shapes: dict[str, Any]) -> list[fx.Node]:
     """Every input node of ``node`` whose value is a tensor or a tuple of tensors."""

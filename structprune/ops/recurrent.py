@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..rules import (ApplyContext, Couple, CoupleContext, Freeze, OpRule, Record, Space, aten_ops,
+from ..rules import (ApplyContext, Couple, CoupleContext, OpRule, Record, Space, aten_ops,
                      register)
 
 
@@ -247,12 +247,7 @@ class RNNModuleRule(OpRule):
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         reason = (f"{type(ctx.module).__name__} '{ctx.module_path}' is kept whole (a leaf module, "
                   f"or a PackedSequence input, which the traced equivalent does not cover)")
-        for path, s in ctx.item_leaves(ctx.node):
-            for d in range(len(s)):
-                yield Freeze(Space.item(ctx.node.name, path, d), reason)
-        yield from ctx.freeze(ctx.node, reason)
-        for a in ctx.node.all_input_nodes:
-            yield from ctx.freeze(a, reason)
+        yield from ctx.freeze_call(reason)
 
 
 def _bind(args: tuple, kwargs: dict) -> Optional[tuple[Any, Any]]:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch.nn as nn
 
-from ..rules import CoupleContext, Freeze, OpRule, Record, Space, register
+from ..rules import CoupleContext, OpRule, Record, register
 
 
 def _bind(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[dict]:
@@ -181,9 +181,4 @@ class TransformerRule(OpRule):
     def couple(self, ctx: CoupleContext) -> Iterator[Record]:
         reason = (f"{type(ctx.module).__name__} '{ctx.module_path}' is kept whole (a leaf "
                   f"module, or a call its traced equivalent does not cover)")
-        for path, s in ctx.item_leaves(ctx.node):
-            for d in range(len(s)):
-                yield Freeze(Space.item(ctx.node.name, path, d), reason)
-        yield from ctx.freeze(ctx.node, reason)
-        for a in ctx.node.all_input_nodes:
-            yield from ctx.freeze(a, reason)
+        yield from ctx.freeze_call(reason)

@@ -31,3 +31,14 @@ def random_drops(graph, seed=0):
             k = int(rng.integers(1, g.num_units))
             drops[g.id] = torch.as_tensor(np.sort(rng.choice(g.num_units, k, replace=False)))
     return drops
+
+
+def reader(graph, module):
+    """The node that calls ``module`` (fx) or reads its weight (an ATen call, under export)."""
+    for n in graph.graph_module.graph.nodes:
+        if n.op == "call_module" and n.target == module:
+            return n.name
+        if n.op == "call_function" and any(getattr(a, "target", None) == f"{module}.weight"
+                                           for a in n.args):
+            return n.name
+    raise KeyError(module)

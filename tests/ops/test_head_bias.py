@@ -17,19 +17,10 @@ import torch.nn.functional as F
 import structprune as sp
 from structprune.testing import assert_rule, randomize_
 
+from .helpers import reader
+
 D = torch.float64
 N, E, H = 9, 8, 4  # tokens (a 3x3 window), width, heads of 2 channels
-
-
-def reader(graph, module):
-    """The node that calls ``module`` (fx) or reads its weight (an ATen call, under export)."""
-    for n in graph.graph_module.graph.nodes:
-        if n.op == "call_module" and n.target == module:
-            return n.name
-        if n.op == "call_function" and any(getattr(a, "target", None) == f"{module}.weight"
-                                           for a in n.args):
-            return n.name
-    raise KeyError(module)
 
 
 def _swin_index(w=3):

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 import structprune as sp
 from structprune.testing import assert_rule, randomize_
 
+from .helpers import reader
+
 aten = torch.ops.aten
 D = torch.float64
 
@@ -64,18 +66,6 @@ def captured(m, x):
     return sp.trace(m, x).graph_module.meta.get("structprune_capture", "fx")
 
 
-def reader(m, x, module):
-    """The node that calls ``module`` (fx) or reads its weight (an ATen call, under export)."""
-    gm = sp.trace(m, x).graph_module
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and n.target == module:
-            return n.name
-        if n.op == "call_function" and any(getattr(a, "target", None) == f"{module}.weight"
-                                           for a in n.args):
-            return n.name
-    raise KeyError(module)
-
-
 # ------------------------------------------------------------------------------------ sum
 SUMS = {
     "method": lambda s, h: h * h.sum(-1, keepdim=True),
@@ -97,7 +87,7 @@ def test_sum_over_the_pruned_dim_is_the_sum_of_the_kept_entries(form, export):
     fn = SUMS[form]
     m, x = f64(Wrap(fn, export=export)), tokens()
     assert captured(m, x) == ("export" if export else "fx")
-    pruned = assert_rule(m, x, drop={reader(m, x, "pre"): [1, 6]}, onnx=form == "method" and not export,
+    pruned = assert_rule(m, x, drop={reader(sp.trace(m, x), "pre"): [1, 6]}, onnx=form == "method" and not export,
                          save_load=form == "method")
     k = others(8, 1, 6)
     want = F.linear(fn(m, pre_k(m, x, k)), m.post.weight[:, k], m.post.bias)
@@ -151,7 +141,7 @@ def test_normalize_of_a_weight_or_with_a_negative_p_keeps_the_dim():
 @pytest.mark.parametrize("export", [False, True])
 def test_cumsum_over_the_pruned_dim_sums_the_kept_entries(export):
     m, x = f64(Wrap(lambda s, h: h.cumsum(-1), export=export)), tokens()
-    pruned = assert_rule(m, x, drop={reader(m, x, "pre"): [0, 4]}, onnx=not export,
+    pruned = assert_rule(m, x, drop={reader(sp.trace(m, x), "pre"): [0, 4]}, onnx=not export,
                          save_load=False)
     k = others(8, 0, 4)
     want = F.linear(pre_k(m, x, k).cumsum(-1), m.post.weight[:, k], m.post.bias)
@@ -186,7 +176,7 @@ MEANS_EXPORTED = ("method", "all_dims", "two_dims")  # aten.mean.dim, aten.mean.
 def test_mean_over_the_pruned_dim_divides_by_the_original_count(form, export):
     m, x = f64(Wrap(MEANS[form], export=export)), tokens()
     assert captured(m, x) == ("export" if export else "fx")
-    pruned = assert_rule(m, x, drop={reader(m, x, "pre"): [0, 3, 4]},
+    pruned = assert_rule(m, x, drop={reader(sp.trace(m, x), "pre"): [0, 3, 4]},
                          onnx=form == "method" and not export,
                          save_load=form == "method")
     k = others(8, 0, 3, 4)
@@ -268,7 +258,7 @@ def test_hand_written_rms_norm_prunes_the_hidden_width_exactly(export):
     graph = sp.trace(m, ids, ignore=[m.head])
     hidden = [g for g in graph.groups() if any(p.qualname == "emb.weight" for p in g.params)]
     assert hidden and hidden[0].num_units == 8, graph.frozen()
-    pruned = assert_rule(m, ids, drop={reader(m, ids, "emb"): [1, 5, 6]}, onnx=not export, save_load=not export)
+    pruned = assert_rule(m, ids, drop={reader(sp.trace(m, ids), "emb"): [1, 5, 6]}, onnx=not export, save_load=not export)
     k, kf = others(8, 1, 5, 6), torch.arange(12)
     h = F.embedding(ids, m.emb.weight[:, k])
     u = F.linear(_rms_by_hand(h, m.n1.weight[k], 8), m.up.weight[:, k], m.up.bias)
@@ -372,7 +362,7 @@ def test_repeat_keeps_the_same_units_in_every_copy(form, export):
     fn, c_post, by_hand = REPEATS[form]
     m, x = f64(Wrap(fn, c_post=c_post, export=export)), tokens()
     assert captured(m, x) == ("export" if export else "fx")
-    pruned = assert_rule(m, x, drop={reader(m, x, "pre"): [2, 7]},
+    pruned = assert_rule(m, x, drop={reader(sp.trace(m, x), "pre"): [2, 7]},
                          onnx=form in ("repeat", "repeat_interleave")
                          and not export, save_load=form == "repeat")
     k = others(8, 2, 7)
@@ -438,7 +428,7 @@ def test_gqa_repeat_kv_drops_a_kv_head_with_its_query_group(kv, export):
     graph = sp.trace(m, x)
     heads = [g for g in graph.groups() if any(p.qualname == "k.weight" for p in g.params)]
     assert len(heads) == 1 and heads[0].num_units == 2
-    pruned = assert_rule(m, x, drop={reader(m, x, "k"): [1]}, onnx=kv == "expand" and not export,
+    pruned = assert_rule(m, x, drop={reader(sp.trace(m, x), "k"): [1]}, onnx=kv == "expand" and not export,
                          save_load=not export)  # KV head 0 (channels 0, 1) goes
     kk, kq = torch.tensor([2, 3]), torch.tensor([4, 5, 6, 7])  # and query heads 0, 1 with it
     b, s, _ = x.shape

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import structprune as sp
 from structprune.testing import assert_rule, randomize_
 
+from .helpers import reader
+
 D = torch.float64
 
 
@@ -26,17 +28,6 @@ def f64(m):
 
 def others(n, *drop):
     return torch.tensor([i for i in range(n) if i not in drop])
-
-
-def reader(graph, module):
-    """The node that calls ``module`` (fx) or reads its weight (an ATen call, under export)."""
-    for n in graph.graph_module.graph.nodes:
-        if n.op == "call_module" and n.target == module:
-            return n.name
-        if n.op == "call_function" and any(getattr(a, "target", None) == f"{module}.weight"
-                                           for a in n.args):
-            return n.name
-    raise KeyError(module)
 
 
 class PosTable(nn.Module):
