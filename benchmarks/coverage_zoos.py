@@ -133,6 +133,7 @@ def out_shapes(out: Any) -> list:
 
 
 def in_shapes(inputs: Any) -> Any:
+    """The shapes of example inputs (nested lists for detectors' image lists), for the row."""
     import torch
 
     def one(v: Any) -> Any:
@@ -211,6 +212,7 @@ def randomize_constants(model: Any, seed: int = 1) -> list[str]:
 
 
 def module_paths(model: Any, modules: list) -> list[str]:
+    """The dotted paths of ``modules`` inside ``model``."""
     ids = {id(m) for m in modules}
     return [n for n, m in model.named_modules() if id(m) in ids]
 
@@ -534,6 +536,127 @@ def build_case(zoo: str, name: str) -> Case:
 # ------------------------------------------------------------------------------------------------
 # one model
 # ------------------------------------------------------------------------------------------------
+class _InParts(Exception):
+    """The model was pruned in parts; :func:`_in_parts` filled the row."""
+
+
+def parts_masked_output(model: Any, info: Any, inputs: Any) -> Any:
+    """The whole model's masked original when it was pruned in parts: the original model run
+    with each pruned part's output replaced by that part's captured graph run with the part's
+    dropped activations zeroed (on the inputs the part receives in this very forward)."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from structprune.graph.shapes import placeholder_values
+    from structprune.oracle import MaskedInterpreter
+
+    hooks = []
+
+    def make(plan: Any) -> Callable:
+        gm = plan.graph.graph_module
+        masks = plan.activation_masks_all()
+
+        def hook(mod: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+            got = MaskedInterpreter(gm, masks).run(*placeholder_values(gm, args, kwargs))
+            leaves, spec = pytree.tree_flatten(out)
+            new = pytree.tree_leaves(got)
+            if len(new) != len(leaves):
+                raise RuntimeError(f"a part's masked graph returns {len(new)} tensors, the part "
+                                   f"{len(leaves)}")
+            return pytree.tree_unflatten(new, spec)
+        return hook
+    try:
+        for p in info.parts:
+            if p.pruned and p.plans:
+                hooks.append(model.get_submodule(p.path).register_forward_hook(
+                    make(p.plans[-1]), with_kwargs=True))
+        with torch.no_grad():
+            return call(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _in_parts(rec: dict, pruner: Any, model: Any, inputs: Any, second: Any, tol: float,
+              whole: BaseException, stage: Callable, done: Callable) -> None:
+    """Fill the row of a model that does not capture whole: ``Pruner.run`` prunes it in parts;
+    the oracle is the whole model with each part's masked graph in place of the part."""
+    import torch
+
+    from structprune.oracle import max_rel_diff
+    from structprune.partial import parts_macs
+
+    stage("parts")
+    pruned = pruner.run()
+    info = pruner.parts
+    if info is None:
+        raise whole
+    rec["capture"] = "parts"
+    rec["parts"] = {"whole_error": info.whole_error,
+                    "parts": [{"path": p.path, "cls": p.cls, "capture": p.capture,
+                               "calls": p.calls, "params_before": p.params_before,
+                               "params_after": p.params_after, "oracle_diff": p.oracle_diff}
+                              for p in info.parts],
+                    "kept": [list(k) for k in info.kept[:40]]}
+    kept = [k for k in info.kept if "ignored" not in k[2]]
+    rec["frozen"] = {"count": len(info.kept), "count_excluding_ignored": len(kept),
+                     "top_reasons": Counter(k[2] for k in kept).most_common(3),
+                     "first": f"{kept[0][0]} ({kept[0][1]}): {kept[0][2]}" if kept else None}
+    done("parts")
+    if not any(p.pruned for p in info.parts):
+        raise _NothingPruned
+    stage("plan")
+    before, after = parts_macs(model, pruned, inputs)
+    rec.update(macs_before=before, macs_after=after,
+               mac_reduction_pct=round(100.0 * (1 - after / before), 2) if before else None)
+    rec["params_after"] = sum(p.numel() for p in pruned.parameters())
+    applied = getattr(pruner, "applied", None)
+    rec["returned"] = {"type": type(pruned).__name__,
+                       "graph_module": isinstance(pruned, torch.fx.GraphModule),
+                       "own_class": type(pruned) is type(model),
+                       "reason": getattr(applied, "reason", None)}
+    done("plan")
+    stage("oracle")
+    got = call(pruned, inputs)
+    diff = max_rel_diff(got, parts_masked_output(model, info, inputs))
+    rec.update(oracle_max_diff=diff, oracle_equal=bool(diff <= tol),
+               pruned_out_shapes_equal=out_shapes(got) == rec["out_shapes"])
+    rec["status"] = "oracle-equal" if rec["oracle_equal"] else "oracle-mismatch"
+    done("oracle")
+    stage("second")
+    sec = rec["second"]
+    if second is None:
+        sec["runs"] = None
+    else:
+        try:
+            got2 = call(pruned, second)
+            sec["runs"] = True
+            sec["shapes_equal"] = out_shapes(got2) == sec["out_shapes"]
+        except Exception as e:
+            sec["runs"] = False
+            sec["error"] = tb_info(e)
+        if sec["runs"]:
+            try:
+                sec["oracle_max_diff"] = max_rel_diff(got2, parts_masked_output(model, info,
+                                                                                 second))
+                sec["oracle_equal"] = bool(sec["oracle_max_diff"] <= tol)
+            except Exception as e:
+                sec["oracle_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    done("second")
+    stage("onnx")
+    try:
+        import structprune as sp
+
+        with tempfile.TemporaryDirectory() as d:
+            sp.export_onnx(pruned, inputs, os.path.join(d, "m.onnx"), check=True)
+        rec["onnx"] = "pass"
+    except Exception as e:
+        rec["onnx"] = "fail"
+        rec["onnx_error"] = tb_info(e)
+    done("onnx")
+    rec["stage"] = None
+
+
 class _NothingPruned(Exception):
     """The plan drops nothing: the row is frozen (with the reasons the graph gives)."""
 
@@ -606,7 +729,14 @@ def run_case(case: Case, tol64: float = 1e-5, tol32: float = 1e-4, f32_above_m: 
 
         stage("capture")
         pruner = sp.Pruner(model, inputs, ratio=0.5, importance="l2", ignore=case.ignore)
-        graph = pruner.graph
+        try:
+            graph = pruner.graph
+        except sp.TraceError as whole:
+            if not hasattr(pruner, "parts"):
+                raise
+            done("capture")
+            _in_parts(rec, pruner, model, inputs, second_inputs, tol, whole, stage, done)
+            raise _InParts
         gm = graph.graph_module
         rec["capture"] = gm.meta.get("structprune_capture", "fx")
         frozen = graph.frozen()
@@ -691,10 +821,7 @@ def run_case(case: Case, tol64: float = 1e-5, tol32: float = 1e-4, f32_above_m: 
         stage("onnx")
         if not onnx:
             rec["onnx"] = "skipped"
-        elif isinstance(inputs, dict):
-            rec["onnx"] = "n/a"
-            rec["onnx_error"] = "keyword inputs (export_onnx takes positional inputs)"
-        else:
+        else:  # keyword inputs too: export_onnx says when it cannot order them
             try:
                 with tempfile.TemporaryDirectory() as d:
                     sp.export_onnx(pruned, inputs, os.path.join(d, "m.onnx"), check=True)
@@ -707,6 +834,8 @@ def run_case(case: Case, tol64: float = 1e-5, tol32: float = 1e-4, f32_above_m: 
     except _NothingPruned:
         rec["status"] = "nothing-pruned"
         rec["stage"] = None
+    except _InParts:
+        pass
     except Exception as e:
         rec["error"] = tb_info(e)
         rec["status"] = "failed"
@@ -1134,9 +1263,12 @@ def run_zoo(zoo: str, args: argparse.Namespace) -> dict[str, Any]:
     names = args.models.split(",") if args.models else list_names(zoo)
     out = args.out or os.path.join(RESULTS, f"coverage_{zoo}{args.suffix}.json")
     previous: list = []
-    if args.update and os.path.exists(out):
+    if (args.update or args.resume) and os.path.exists(out):
         with open(out) as f:
             previous = json.load(f).get("results", [])
+    if args.resume:  # run only the models the output does not hold yet
+        done_names = {r["model"] for r in previous}
+        names = [n for n in names if n.strip() not in done_names]
     print(f"== {zoo}: {len(names)} models, timeout {args.timeout:.0f}s -> {out}", flush=True)
     results: list = []
     data: dict[str, Any] = {}
@@ -1181,6 +1313,7 @@ def _save(data: dict[str, Any], out: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Command line: run (or ``--resummarize``) one zoo, several (comma-separated) or all."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--zoo", default="timm", help=f"one of {', '.join(ALL_ZOOS)}, or all")
     ap.add_argument("--models", default=None, help="comma-separated names (default: the zoo's)")
@@ -1192,6 +1325,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "<suffix>.json; the .md goes next to it)")
     ap.add_argument("--suffix", default="", help="added to the default file names, e.g. _baseline")
     ap.add_argument("--update", action="store_true", help="merge into the existing output")
+    ap.add_argument("--resume", action="store_true", help="merge into the existing output and "
+                    "run only the models it does not hold yet")
     ap.add_argument("--resummarize", action="store_true", help="run nothing: rewrite the summary "
                     "and the markdown of the existing output")
     ap.add_argument("--tol64", type=float, default=1e-5)
