@@ -83,12 +83,16 @@ class Plan:
         """``{fx node name: (dim, dropped indices)}`` over ``graph.graph_module``'s nodes.
 
         Running that graph with those indices zeroed gives the pruned model's output (the oracle
-        of DESIGN.md). A node with drops in two dims (rare: a tensor with two prunable axes) lists
-        the dim with more drops here; :meth:`activation_masks_all` lists every dim.
+        of DESIGN.md). A node with drops in two dims (a weight read by a functional op: its rows
+        are units it produces, its columns units it reads) lists the dim whose units it
+        produces (role ``"out"``: through the other, zeroed inputs already contribute nothing),
+        else the dim with more drops; :meth:`activation_masks_all` lists every dim.
         """
         out: dict[str, tuple[int, list[int]]] = {}
+        roles = getattr(self.graph, "roles", {})
         for name, dims in self.activation_masks_all().items():
-            dim, idx = max(dims, key=lambda di: len(di[1]))
+            dim, idx = max(dims, key=lambda di: (
+                roles.get(Space.activation(name, di[0])) == "out", len(di[1])))
             out[name] = (dim, idx)
         return out
 

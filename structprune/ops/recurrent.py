@@ -23,8 +23,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..rules import (ApplyContext, Couple, CoupleContext, OpRule, Record, Space, aten_ops,
-                     register)
+from ..rules import (ApplyContext, Couple, CoupleContext, OpRule, Record, Role, Space,
+                     aten_ops, register)
 
 
 _GATES = {nn.RNNCell: 1, nn.GRUCell: 3, nn.LSTMCell: 4}
@@ -290,6 +290,10 @@ def rnn_couplings(ctx: CoupleContext, x: Any, hx: Any, weights: list, outs: list
     by_dir = np.tile(np.arange(state), dirs)
     for k, block in enumerate(w):
         layer = k // dirs
+        for i, s in enumerate(block):  # rows: the units a weight produces; columns: it reads
+            yield Role(s, "out")
+            if len(ctx.shape(weights[k * per + i]) or ()) == 2:
+                yield Role(s.with_dim(1), "in")
         for s in [block[0], block[1]] + (block[2:4] if has_biases else []):
             yield Couple(hrep, s, unit_rows, rows)  # every gate's row of unit j
         yield Couple(srep, block[1].with_dim(1))  # w_hh reads the state

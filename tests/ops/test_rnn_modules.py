@@ -259,3 +259,34 @@ def test_export_captured_modules_prune_hidden_units_too(cls, proj):
     assert pruned.get_parameter("rnn.weight_hh_l1_reverse").shape[1] == len(kept)
     assert pruned(torch.randn(3, 5, 4, dtype=torch.float64))[0].shape == (3, 5, 3)  # any batch
     assert_rule(m, x, ratio=0.5, onnx=False)  # ONNX: checked on fx-captured modules above
+
+
+def test_one_mask_per_node_is_enough_for_a_projected_lstm():
+    """The contract's oracle masks one dim per node (``plan.activation_masks()``): for a
+    weight whose rows and columns both lose units (``weight_hr``: projected units it writes,
+    hidden units it reads) that is the dim it produces, else the projected units live on in
+    the masked original (an independent check found this)."""
+    from structprune.oracle import MaskedInterpreter, max_rel_diff
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.LSTM(16, 24, batch_first=True, proj_size=8)).double()
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = m, nn.Linear(8, 5).double()
+
+        def forward(self, x):
+            return self.head(self.body(x)[0])
+
+    net = Net().eval()
+    pruner = sp.Pruner(net, x, ratio=0.5)
+    plan = pruner.plan()
+    masks = plan.activation_masks()
+    both = {k: v for k, v in plan.activation_masks_all().items() if len(v) > 1}
+    assert any("weight_hr" in k for k in both)  # rows and columns both pruned
+    pruned = pruner.apply(plan)
+    with torch.no_grad():
+        want = MaskedInterpreter(plan.graph.graph_module, masks).run(x)
+        assert max_rel_diff(pruned(x), want) < 1e-12
