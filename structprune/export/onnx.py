@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import StructpruneError
@@ -195,14 +196,30 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, chec
     kernels are float32. Raises :class:`ExportError` naming the exporter(s) and the failure.
     """
     args, kwargs = normalize_inputs(example_inputs)
+    keywords: Optional[list[str]] = None
     if kwargs:
-        args = _leading_positional(model, args, kwargs)
+        try:
+            args = _leading_positional(model, args, kwargs)
+        except ExportError:
+            if args:
+                raise
+            keywords, args = list(kwargs), tuple(kwargs.values())
     m = copy.deepcopy(model).float().eval()
     if hasattr(m, "real_recompile"):  # a lazy GraphModule's copy: give it its real signature
         m.real_recompile()
+    _float32_literals(m)
     args = _float32(args)
     names = [f"input_{i}" for i in range(len(args))]
-    captured = captured_axes(model, names)
+    captured = captured_axes(model, names) if keywords is None else None
+    call_kwargs = dict(zip(keywords, args)) if keywords is not None else {}
+    with torch.no_grad():
+        objects = _has_objects(m(**call_kwargs) if keywords is not None else m(*args))
+    if objects:  # a Hugging Face model's key/value cache: no ONNX form
+        m = _without_objects(m, () if keywords is not None else args, call_kwargs)
+        if isinstance(m, fx.GraphModule):  # its placeholders are the inputs as given
+            keywords, captured = None, captured_axes(m, names)
+    if keywords is not None:  # keyword inputs that are not forward's leading parameters
+        m = _KeywordCall(m, keywords)
     baked = sorted({int(k) for k in constant_inputs})
     if baked:
         if any(not 0 <= k < len(args) or not isinstance(args[k], torch.Tensor) for k in baked):
@@ -240,7 +257,6 @@ def export_onnx(model: nn.Module, example_inputs: ExampleInputs, path: str, chec
     if len(errors) == 1 and errors[0].startswith(("output", "onnxruntime")):
         raise ExportError(errors[0])
     raise ExportError("ONNX export failed with " + "; ".join(errors))
-    return ExportResult(path, used, diff)
 
 
 def _check(m: nn.Module, args: tuple, path: str, rtol: float, atol: float, exporter: str) -> float:
@@ -301,3 +317,77 @@ def _leading_positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
                           + (f" ('{missing[0]}' comes first)" if missing else "")
                           + "; pass a tuple of positional inputs")
     return tuple(args) + tuple(kwargs[n] for n in rest)
+
+
+class _KeywordCall(nn.Module):
+    """``model(**dict(zip(names, inputs)))``: keyword inputs (``input_ids``,
+    ``decoder_input_ids``) as the positional inputs of an ONNX file, in the order given."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.model(**dict(zip(self.names, inputs)))
+
+
+def _float32_literals(m: nn.Module) -> None:
+    """A graph captured in float64 names float64 in its casts (``x.to(torch.float64)``); the
+    float32 copy that is exported casts to float32 instead (onnxruntime would refuse a MatMul
+    of both)."""
+    for gm in [x for x in m.modules() if isinstance(x, fx.GraphModule)]:
+        changed = False
+        for n in gm.graph.nodes:
+            swap = lambda v: torch.float32 if v is torch.float64 else v  # noqa: E731
+            args = fx.node.map_aggregate(n.args, swap)
+            kwargs = fx.node.map_aggregate(n.kwargs, swap)
+            if args != n.args or kwargs != n.kwargs:
+                n.args, n.kwargs, changed = args, kwargs, True
+        if changed:
+            gm.recompile()
+
+
+def _has_objects(out: Any) -> bool:
+    """Whether an output holds values other than tensors, numbers, None and containers."""
+    if out is None or isinstance(out, (torch.Tensor, int, float, bool)):
+        return False
+    if isinstance(out, dict):
+        return any(_has_objects(v) for v in out.values())
+    if isinstance(out, (list, tuple)):
+        return any(_has_objects(v) for v in out)
+    return True
+
+
+def _tensors_only(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):  # a ModelOutput too: its fields, as flatten_outputs orders them
+        kept = {k: _tensors_only(v) for k, v in out.items()}
+        return tuple(kept[k] for k in sorted(kept) if kept[k] is not None)
+    if isinstance(out, (list, tuple)):
+        return tuple(_tensors_only(v) for v in out)
+    return None
+
+
+class _TensorOutputs(nn.Module):
+    """The model with only the tensors of its output (a cache object has no ONNX form)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Any) -> Any:
+        return _tensors_only(self.model(*inputs))
+
+
+def _without_objects(m: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
+    """``m`` as a graph captured by ``torch.export`` (which leaves cache objects out, see
+    ``graph/export_capture.py``), or, if that fails, ``m`` with only its output tensors."""
+    from ..graph.export_capture import capture_export
+
+    try:
+        gm = capture_export(m, args, kwargs)
+    except Exception:  # export raises many types: keep the tensors of the model's own output
+        return _TensorOutputs(m)
+    gm.real_recompile() if hasattr(gm, "real_recompile") else None
+    return gm
