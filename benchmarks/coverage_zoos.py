@@ -1105,7 +1105,7 @@ def error_kind(r: dict[str, Any]) -> Optional[str]:
         return None
     line = err.get("first_line") or err.get("message") or ""
     line = re.sub(r"'[^']*'", "'…'", line)
-    line = re.sub(r"\b\d+(\.\d+)?\b", "N", line)
+    line = re.sub(r"\d+(\.\d+)?", "N", line)
     return f"[{r.get('stage')}] {err.get('type')}: {line[:140]}"
 
 
