@@ -326,6 +326,12 @@ def _guard_node(e: ast.AST, inputs: dict[str, fx.Node], emit: Any) -> Any:
     if isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and not e.args \
             and e.func.attr == "size":
         return emit(getattr, _guard_node(e.func.value, inputs, emit), "shape")
+    if isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and isinstance(
+            e.func.value, ast.Name) and e.func.value.id == "torch" and e.func.attr in (
+            "sym_max", "sym_min") and len(e.args) == 2 and not e.keywords:
+        # ``torch.sym_max(7, W // 32)`` (an adaptive pool's window): ints, so the builtin
+        fn = max if e.func.attr == "sym_max" else min
+        return emit(fn, _guard_node(e.args[0], inputs, emit), _guard_node(e.args[1], inputs, emit))
     if isinstance(e, ast.BinOp) and type(e.op) in _BINOPS:
         return emit(_BINOPS[type(e.op)], _guard_node(e.left, inputs, emit),
                     _guard_node(e.right, inputs, emit))

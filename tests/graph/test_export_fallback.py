@@ -378,3 +378,22 @@ def test_the_strict_attempt_has_a_time_budget(monkeypatch):
     gm = sp.trace(model, x).graph_module
     assert calls == ["strict"] and time.time() - t < 4
     assert gm.meta["structprune_capture"] == "export"
+
+
+def test_guards_with_a_max_of_sizes_are_checked_not_specialised():
+    """timm's VGG pools to ``max(7, W // 32)``: export's guards read ``torch.sym_max``. They
+    are checked at call time (the batch stays open; before, the capture fell back to the
+    example's sizes and the pruned model refused batch 3)."""
+    import ast
+
+    from structprune.graph.inputs import _guard_node, guard_checkable
+
+    code = "torch.sym_max(1, L['x'].size()[3] // 16) > torch.sym_min(1, L['x'].size()[2])"
+    assert guard_checkable(code)
+
+    def holds(w):
+        return _guard_node(ast.parse(code, mode="eval").body, {"x": torch.zeros(1, 3, 8, w)},
+                           lambda fn, *a: fn(*a))
+
+    assert holds(64) and not holds(16)
+    assert not guard_checkable("torch.sym_float(L['x'].size()[3]) > 1")
