@@ -101,31 +101,9 @@ def _describe(gm: Any, node: Any) -> str:
 
 def _hook_macs(model: Any, args: tuple) -> int:
     """MACs of Conv/Linear modules measured with forward hooks (independent of structprune)."""
-    import math
+    from coverage_zoos import hook_macs
 
-    import torch
-    import torch.nn as nn
-
-    total = [0]
-
-    def hook(m: Any, inp: Any, out: Any) -> None:
-        if not isinstance(out, torch.Tensor):
-            return
-        if isinstance(m, nn.modules.conv._ConvNd):
-            k = math.prod(m.weight.shape[1:])  # in/groups * kernel
-            total[0] += out.numel() * k
-        elif isinstance(m, nn.Linear):
-            total[0] += out.numel() * m.in_features
-
-    hs = [m.register_forward_hook(hook) for m in model.modules()
-          if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in hs:
-            h.remove()
-    return total[0]
+    return hook_macs(model, args)
 
 
 def _tb_info(exc: BaseException) -> dict[str, Any]:

@@ -172,6 +172,19 @@ def hook_macs(model: Any, inputs: Any) -> int:
     return total[0]
 
 
+def onnx_check(rec: dict[str, Any], pruned: Any, inputs: Any) -> None:
+    """``rec["onnx"]``: ``export_onnx(..., check=True)`` passes, or fails with the error."""
+    import structprune as sp
+
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            sp.export_onnx(pruned, inputs, os.path.join(d, "m.onnx"), check=True)
+        rec["onnx"] = "pass"
+    except Exception as e:
+        rec["onnx"] = "fail"
+        rec["onnx_error"] = tb_info(e)
+
+
 def tb_info(exc: BaseException) -> dict[str, Any]:
     """Error class, first line, where (last structprune frame; last frame outside torch and
     structprune: the model's code) and the traceback tail."""
@@ -676,15 +689,7 @@ def _in_parts(rec: dict, pruner: Any, model: Any, inputs: Any, second: Any, tol:
                 sec["oracle_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     done("second")
     stage("onnx")
-    try:
-        import structprune as sp
-
-        with tempfile.TemporaryDirectory() as d:
-            sp.export_onnx(pruned, inputs, os.path.join(d, "m.onnx"), check=True)
-        rec["onnx"] = "pass"
-    except Exception as e:
-        rec["onnx"] = "fail"
-        rec["onnx_error"] = tb_info(e)
+    onnx_check(rec, pruned, inputs)
     done("onnx")
     rec["stage"] = None
 
@@ -865,13 +870,7 @@ def run_case(case: Case, tol64: float = 1e-5, tol32: float = 1e-4, f32_above_m: 
         if not onnx:
             rec["onnx"] = "skipped"
         else:  # keyword inputs too: export_onnx says when it cannot order them
-            try:
-                with tempfile.TemporaryDirectory() as d:
-                    sp.export_onnx(pruned, inputs, os.path.join(d, "m.onnx"), check=True)
-                rec["onnx"] = "pass"
-            except Exception as e:
-                rec["onnx"] = "fail"
-                rec["onnx_error"] = tb_info(e)
+            onnx_check(rec, pruned, inputs)
         done("onnx")
         rec["stage"] = None
     except _NothingPruned:

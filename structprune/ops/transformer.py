@@ -57,14 +57,7 @@ def encoder_layer_forward(m: nn.TransformerEncoderLayer, src: Any, src_mask: Any
     def ff(x: Any) -> Any:
         return m.dropout2(m.linear2(m.dropout(m.activation(m.linear1(x)))))
 
-    x = src
-    if m.norm_first:
-        x = x + sa(m.norm1(x))
-        x = x + ff(m.norm2(x))
-    else:
-        x = m.norm1(x + sa(x))
-        x = m.norm2(x + ff(x))
-    return x
+    return _residual_blocks(src, [(m.norm1, sa), (m.norm2, ff)], m.norm_first)
 
 
 def decoder_layer_forward(m: nn.TransformerDecoderLayer, tgt: Any, memory: Any,
@@ -86,15 +79,13 @@ def decoder_layer_forward(m: nn.TransformerDecoderLayer, tgt: Any, memory: Any,
     def ff(x: Any) -> Any:
         return m.dropout3(m.linear2(m.dropout(m.activation(m.linear1(x)))))
 
-    x = tgt
-    if m.norm_first:
-        x = x + sa(m.norm1(x))
-        x = x + mha(m.norm2(x))
-        x = x + ff(m.norm3(x))
-    else:
-        x = m.norm1(x + sa(x))
-        x = m.norm2(x + mha(x))
-        x = m.norm3(x + ff(x))
+    return _residual_blocks(tgt, [(m.norm1, sa), (m.norm2, mha), (m.norm3, ff)], m.norm_first)
+
+
+def _residual_blocks(x: Any, blocks: list, norm_first: bool) -> Any:
+    """``x + f(norm(x))`` per block (pre-norm), or ``norm(x + f(x))`` (post-norm)."""
+    for norm, f in blocks:
+        x = x + f(norm(x)) if norm_first else norm(x + f(x))
     return x
 
 
