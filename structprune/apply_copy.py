@@ -2,11 +2,13 @@
 smaller modules, else the rewritten graph (:class:`Applied` says which, and why)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch.nn as nn
 
 from .apply import _calls, _same, _update_and_check, apply_plan
+from .errors import StructpruneWarning
 from .graph.inputs import add_guard_hook
 from .graph.modules import plain_module
 from .own_export import own_class_after_export
@@ -52,10 +54,6 @@ def _apply_plan_copy(plan: Plan, example_inputs: tuple[tuple, dict]) -> Applied:
             return Applied(own, True, reason)
         dropped = gm.meta.get("structprune_dropped_outputs") or []
         if dropped:
-            import warnings
-
-            from .errors import StructpruneWarning
-
             warnings.warn(f"the pruned graph returns None where {type(model).__name__} returns "
                           f"a {', '.join(dropped)} (a graph cannot hold it): {reason}",
                           StructpruneWarning, stacklevel=4)

@@ -16,7 +16,7 @@ returned, and the reason says why; the graph calls the model's BatchNorm and Dro
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx

@@ -254,8 +254,6 @@ def _plain_graph(old: fx.Graph) -> fx.Graph:
     ones are taken apart by ``getitem`` nodes that carry the old leaf placeholders' names. The
     ``_guards_fn`` call (it checks the input shapes) is left out.
     """
-    import torch.utils._pytree as pytree
-
     info = old._codegen.pytree_info  # type: ignore[attr-defined]
     in_spec, out_spec = info.in_spec, info.out_spec
     args_spec, kwargs_spec = _children(in_spec)
@@ -362,8 +360,8 @@ def _dropped_outputs(model: nn.Module, args: tuple, kwargs: dict) -> Iterator[se
 
     Such a type is registered, for the duration of the block, as a container with no leaves:
     the graph leaves it out, and :func:`_rebuild_output` returns ``None`` in its place (the
-    capture's ``meta["structprune_dropped_outputs"]`` names it). The model is run once, only
-    when its output holds a type pytree does not know.
+    capture's ``meta["structprune_dropped_outputs"]`` names it). The model is run once on the
+    example inputs to find such types (one eager forward, beside export's own traces).
     """
     import torch.utils._pytree as pytree
 
