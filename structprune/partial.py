@@ -349,8 +349,15 @@ def prune_in_parts(pruner: "Pruner", whole: TraceError) -> nn.Module:
                 result.kept.append((path, cls, "no parameters: runs as it is"))
                 continue
             if not calls.get(path):
-                result.kept.append((path, cls, "not called in the forward on the example "
-                                               "inputs (not pruned)"))
+                children = list(m.named_children())
+                if children:  # a container the forward indexes (a ModuleList): its entries
+                    nxt += [(f"{path}.{p}", c) for p, c in children]
+                    result.kept.append((path, cls, "not called itself in the forward on the "
+                                                   "example inputs; its submodules were tried "
+                                                   "instead"))
+                else:
+                    result.kept.append((path, cls, "not called in the forward on the example "
+                                                   "inputs (not pruned)"))
                 continue
             if path in ignored:
                 result.kept.append((path, cls, "ignored by the user"))

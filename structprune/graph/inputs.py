@@ -308,15 +308,34 @@ def guard_checkable(code: str) -> bool:
 
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+           ast.Div: operator.truediv, ast.BitAnd: operator.and_, ast.BitOr: operator.or_}
+#: Functions export's guards call on sizes (``math.ceil(H / 2)``, ``torch.sym_max(7, W // 32)``),
+#: by (module, name), with the plain-number function that computes the same at call time.
+_GUARD_CALLS = {("math", "ceil"): math.ceil, ("math", "floor"): math.floor,
+                ("math", "trunc"): math.trunc, ("math", "sqrt"): math.sqrt,
+                ("torch", "sym_max"): max, ("torch", "sym_min"): min,
+                ("torch", "sym_float"): float, ("torch", "sym_int"): int,
+                ("torch", "sym_sqrt"): math.sqrt, ("torch", "sym_not"): operator.not_,
+                (None, "int"): int, (None, "float"): float, (None, "abs"): abs,
+                (None, "max"): max, (None, "min"): min}
 _CMPOPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
            ast.Gt: operator.gt, ast.GtE: operator.ge}
+
+
+def _call_name(f: ast.AST) -> Optional[tuple[Optional[str], str]]:
+    """``("math", "ceil")`` for ``math.ceil``, ``(None, "int")`` for ``int``, else None."""
+    if isinstance(f, ast.Name):
+        return None, f.id
+    if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+        return f.value.id, f.attr
+    return None
 
 
 def _guard_node(e: ast.AST, inputs: dict[str, fx.Node], emit: Any) -> Any:
     """One of ``torch.export``'s guard expressions (``L['x'].size()[3] <= 4``) as graph nodes
     of plain operators on the inputs' sizes; ValueError for any other syntax."""
-    if isinstance(e, ast.Constant) and isinstance(e.value, (int, bool)):
+    if isinstance(e, ast.Constant) and isinstance(e.value, (int, float, bool)):
         return e.value
     if isinstance(e, ast.Subscript):
         if isinstance(e.value, ast.Name) and e.value.id == "L":
@@ -326,12 +345,11 @@ def _guard_node(e: ast.AST, inputs: dict[str, fx.Node], emit: Any) -> Any:
     if isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and not e.args \
             and e.func.attr == "size":
         return emit(getattr, _guard_node(e.func.value, inputs, emit), "shape")
-    if isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and isinstance(
-            e.func.value, ast.Name) and e.func.value.id == "torch" and e.func.attr in (
-            "sym_max", "sym_min") and len(e.args) == 2 and not e.keywords:
-        # ``torch.sym_max(7, W // 32)`` (an adaptive pool's window): ints, so the builtin
-        fn = max if e.func.attr == "sym_max" else min
-        return emit(fn, _guard_node(e.args[0], inputs, emit), _guard_node(e.args[1], inputs, emit))
+    if isinstance(e, ast.Call) and not e.keywords and _call_name(e.func) in _GUARD_CALLS:
+        # ``torch.sym_max(7, W // 32)`` (an adaptive pool's window), ``math.ceil(H / 2)``: the
+        # sizes are plain ints at call time, so the plain function
+        return emit(_GUARD_CALLS[_call_name(e.func)],
+                    *[_guard_node(a, inputs, emit) for a in e.args])
     if isinstance(e, ast.BinOp) and type(e.op) in _BINOPS:
         return emit(_BINOPS[type(e.op)], _guard_node(e.left, inputs, emit),
                     _guard_node(e.right, inputs, emit))

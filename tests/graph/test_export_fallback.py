@@ -4,6 +4,7 @@ are captured with ``torch.export`` instead, and must prune exactly like traceabl
 Every model here first checks that fx really fails on it, so the tests exercise the fallback.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 import structprune as sp
 from structprune.graph.capture import capture
 from structprune.rules import registry
+from structprune.oracle import masked_output
 from structprune.testing import MaskedInterpreter, assert_rule, max_rel_diff, randomize_
 from tests.test_errors import Branchy
 
@@ -396,4 +398,56 @@ def test_guards_with_a_max_of_sizes_are_checked_not_specialised():
                            lambda fn, *a: fn(*a))
 
     assert holds(64) and not holds(16)
-    assert not guard_checkable("torch.sym_float(L['x'].size()[3]) > 1")
+    assert not guard_checkable("__import__('os').getcwd() == 1")
+
+
+class CeilPatches(nn.Module):
+    """MobileViT-style: pad the feature map up to whole 2x2 patches (``math.ceil(H / 2)``),
+    then fold the patches into the batch; export's guards read ``math.ceil`` and ``/``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Linear(8, 8)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x).relu()
+        b, c, h, w = x.shape
+        nh, nw = math.ceil(h / 2) * 2, math.ceil(w / 2) * 2
+        if nh != h or nw != w:
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+        p = x.reshape(b, c, nh // 2, 2, nw // 2, 2).permute(0, 3, 5, 2, 4, 1)
+        p = self.mix(p).relu().permute(0, 5, 3, 1, 4, 2).reshape(b, c, nh, nw)
+        return self.out(p).mean((2, 3))
+
+
+def test_guards_with_ceil_and_division_keep_the_sizes_open():
+    """Guards such as ``math.ceil(H / 2) * 2 != H`` (timm's MobileViT, MViTv2's pooling
+    ratios ``a / b >= 1.0``) are checked at call time: the pruned model runs at other batch
+    and image sizes, equal to its masked original, and refuses only the branch it did not take
+    (odd sizes), naming the input."""
+    import ast
+
+    from structprune.graph.inputs import _guard_node, guard_checkable
+
+    code = "((1 + (L['x'].size()[2] - 1) // 16) / (1 + (L['x'].size()[2] - 1) // 4)) < 1.0"
+    assert guard_checkable(code) and guard_checkable(
+        "math.ceil((L['x'].size()[3] - 1) / 2) != 3")
+    assert _guard_node(ast.parse(code, mode="eval").body, {"x": torch.zeros(1, 3, 64, 64)},
+                       lambda fn, *a: fn(*a))
+
+    torch.manual_seed(0)
+    model = randomize_(CeilPatches()).double().eval()
+    with pytest.raises(Exception):
+        fx.symbolic_trace(model)
+    x = img(2, 3, 8, 12)
+    pruner = sp.Pruner(model, x, ratio=0.5)
+    plan = pruner.plan()
+    pruned = pruner.apply(plan)
+    assert pruned.meta["structprune_capture"] == "export"
+    assert pruned.conv.weight.shape[0] == 4
+    for other in (x, img(3, 3, 8, 12), img(4, 3, 10, 6), img(3, 3, 16, 16)):
+        assert max_rel_diff(pruned(other), masked_output(pruner.graph, plan, other)) < 1e-12
+    with pytest.raises(AssertionError, match="captured by torch.export for inputs with"):
+        pruned(img(2, 3, 9, 12))
