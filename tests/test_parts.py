@@ -313,3 +313,41 @@ def test_part_that_only_sees_empty_tensors_is_kept_with_the_reason():
     kept = {path: why for path, _, why in parts_of(pruned).kept}
     assert "empty tensor" in kept["refine"] and "empty tensor" in kept["refine.0"]
     assert pruned.body[0].out_features == 4 and pruned.refine[0].out_features == 8
+
+
+class Stages(nn.Module):
+    """Twins-shaped: the forward zips ModuleLists (never calling them) and loops on a value."""
+
+    def __init__(self):
+        super().__init__()
+        self.embeds = nn.ModuleList([conv_bn(3, 8, 2), conv_bn(8, 12, 2)])
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(),
+                                                   nn.Conv2d(16, 8, 1)),
+                                     nn.Sequential(nn.Conv2d(12, 24, 1), nn.ReLU(),
+                                                   nn.Conv2d(24, 12, 1))])
+
+    def forward(self, x):
+        for embed, block in zip(self.embeds, self.blocks):
+            x = embed(x)
+            while bool(x.abs().amax() > 100):  # a loop on a value: neither fx nor export
+                x = x / 2
+            x = x + block(x)
+        return x.mean((2, 3))
+
+
+def test_containers_the_forward_only_indexes_are_searched_for_parts():
+    torch.manual_seed(0)
+    m = sp.testing.randomize_(Stages()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    pruner = sp.Pruner(m, (x,), ratio=0.5)
+    with pytest.warns(StructpruneWarning, match="pruned in parts"):
+        pruned = pruner.run()
+    parts = {p.path: p for p in pruner.parts.parts}
+    assert {"blocks.0", "blocks.1"} <= set(parts)
+    assert parts["blocks.0"].pruned and pruned.blocks[0][0].out_channels == 8
+    kept = {path: why for path, _, why in pruner.parts.kept}
+    assert "its submodules were tried instead" in kept["blocks"]
+    oracle = masked_copy(m, pruner.parts)
+    with torch.no_grad():
+        for y in (x, torch.randn(3, 3, 24, 20)):
+            torch.testing.assert_close(pruned(y), oracle(y), atol=1e-5, rtol=1e-4)

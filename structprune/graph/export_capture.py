@@ -100,8 +100,7 @@ def _restore_train_modules(gm: fx.GraphModule, model: nn.Module) -> None:
                 n.args[1] == m.p
         if not ok:
             continue
-        parent, _, name = path.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, name, m)
+        gm.add_submodule(path, m)  # with the containers on its path (a ModuleList of them)
         with gm.graph.inserting_before(n):
             call = gm.graph.call_module(path, (n.args[0],))
         call.meta = dict(n.meta)

@@ -451,3 +451,32 @@ def test_guards_with_ceil_and_division_keep_the_sizes_open():
         assert max_rel_diff(pruned(other), masked_output(pruner.graph, plan, other)) < 1e-12
     with pytest.raises(AssertionError, match="captured by torch.export for inputs with"):
         pruned(img(2, 3, 9, 12))
+
+
+class DropsInAList(nn.Module):
+    """timm Twins: dropout modules in a ModuleList that holds no parameters, zipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)])
+        self.drops = nn.ModuleList([nn.Dropout(0.5), nn.Dropout(0.5)])
+
+    def forward(self, x):
+        for conv, drop in zip(self.convs, self.drops):
+            x = drop(conv(x).relu())
+            if x.shape[-1] % 2:  # fx cannot branch on a size
+                x = x[..., :-1]
+        return x.mean((2, 3))
+
+
+def test_dropout_in_a_list_of_parameterless_modules_is_restored():
+    torch.manual_seed(0)
+    model = randomize_(DropsInAList()).double().eval()
+    x = img(2, 3, 8, 8)
+    gm = sp.trace(model, x).graph_module
+    assert gm.meta["structprune_capture"] == "export"
+    assert {n.target for n in gm.graph.nodes if n.op == "call_module"} == {"drops.0", "drops.1"}
+    pruned = assert_rule(model, x, ratio=0.5, onnx=False)
+    pruned.train()
+    torch.manual_seed(1)
+    assert (pruned(x) != pruned(x)).any()  # dropout is live in train mode
