@@ -705,6 +705,45 @@ def _write(rec: dict, path: Optional[str]) -> None:
         os.replace(path + ".tmp", path)
 
 
+def refused_by_guard(error: dict) -> bool:
+    """Whether the pruned model refused an input with structprune's own call-time check of a
+    size the export capture fixed (the message names the input and the size or condition)."""
+    return error.get("type") == "AssertionError" and "captured by torch.export" in str(
+        error.get("first_line"))
+
+
+def check_second(sec: dict, model: Any, pruned: Any, gm: Any, plan: Any, inputs: Any,
+                 tol: float) -> None:
+    """Run ``pruned`` on ``inputs`` of another size and compare it with the masked original;
+    ``sec`` gets runs / shapes_equal / error / oracle_* / graph_* entries."""
+    import torch
+
+    from structprune.graph.capture import normalize_inputs
+    from structprune.graph.shapes import placeholder_values
+    from structprune.oracle import MaskedInterpreter, masked_output, max_rel_diff
+
+    try:
+        got2 = call(pruned, inputs)
+        sec["runs"] = True
+        sec["shapes_equal"] = out_shapes(got2) == sec["out_shapes"]
+    except Exception as e:
+        sec["runs"] = False
+        sec["error"] = tb_info(e)
+        return
+    # the masked original at the second size, and the captured graph vs the model
+    try:
+        want2 = masked_output(plan.graph, plan, inputs)
+        sec["oracle_max_diff"] = max_rel_diff(got2, want2)
+        sec["oracle_equal"] = bool(sec["oracle_max_diff"] <= tol)
+        a, k = normalize_inputs(inputs)
+        with torch.no_grad():
+            g2 = MaskedInterpreter(gm, {}).run(*placeholder_values(gm, a, k))
+        sec["graph_vs_model_diff"] = max_rel_diff(g2, call(model, inputs))
+        sec["graph_equal"] = bool(sec["graph_vs_model_diff"] <= tol)
+    except Exception as e:
+        sec["oracle_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 def run_case(case: Case, tol64: float = 1e-5, tol32: float = 1e-4, f32_above_m: float = 50.0,
              onnx: bool = True, tp: bool = True, out_path: Optional[str] = None,
              zoo: str = "") -> dict[str, Any]:
@@ -714,9 +753,7 @@ def run_case(case: Case, tol64: float = 1e-5, tol32: float = 1e-4, f32_above_m: 
     import torch
 
     import structprune as sp
-    from structprune.oracle import MaskedInterpreter, masked_output, max_rel_diff
-    from structprune.graph.shapes import placeholder_values
-    from structprune.graph.capture import normalize_inputs
+    from structprune.oracle import masked_output, max_rel_diff
     from structprune.plan import count_macs
     from structprune.testing import randomize_
 
@@ -762,6 +799,7 @@ def run_case(case: Case, tol64: float = 1e-5, tol32: float = 1e-4, f32_above_m: 
                    out_shapes=out_shapes(ref))
         # the second size: the first candidate the original runs on
         rec["second"] = {"input": None}
+        later_inputs: list = []
         for cand in case.second:
             cand = map_tensors(cand, cast)
             try:
@@ -770,9 +808,11 @@ def run_case(case: Case, tol64: float = 1e-5, tol32: float = 1e-4, f32_above_m: 
                 rec["second"].setdefault("original_failed_on", []).append(
                     [in_shapes(cand), f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"])
                 continue
-            second_inputs = cand
-            rec["second"].update(input=in_shapes(cand), out_shapes=out_shapes(ref2))
-            break
+            if second_inputs is None:
+                second_inputs = cand
+                rec["second"].update(input=in_shapes(cand), out_shapes=out_shapes(ref2))
+            else:  # tried when the pruned model refuses the first with a named size
+                later_inputs.append((cand, out_shapes(ref2)))
         done("setup")
 
         stage("capture")
@@ -844,26 +884,12 @@ def run_case(case: Case, tol64: float = 1e-5, tol32: float = 1e-4, f32_above_m: 
         if second_inputs is None:
             sec["runs"] = None
         else:
-            try:
-                got2 = call(pruned, second_inputs)
-                sec["runs"] = True
-                sec["shapes_equal"] = out_shapes(got2) == sec["out_shapes"]
-            except Exception as e:
-                sec["runs"] = False
-                sec["error"] = tb_info(e)
-            if sec["runs"]:
-                # the masked original at the second size, and the captured graph vs the model
-                try:
-                    want2 = masked_output(plan.graph, plan, second_inputs)
-                    sec["oracle_max_diff"] = max_rel_diff(got2, want2)
-                    sec["oracle_equal"] = bool(sec["oracle_max_diff"] <= tol)
-                    a, k = normalize_inputs(second_inputs)
-                    with torch.no_grad():
-                        g2 = MaskedInterpreter(gm, {}).run(*placeholder_values(gm, a, k))
-                    sec["graph_vs_model_diff"] = max_rel_diff(g2, call(model, second_inputs))
-                    sec["graph_equal"] = bool(sec["graph_vs_model_diff"] <= tol)
-                except Exception as e:
-                    sec["oracle_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            check_second(sec, model, pruned, gm, plan, second_inputs, tol)
+            if sec["runs"] is False and refused_by_guard(sec["error"]):
+                # a size export had to fix, refused by name: does another size (batch) run?
+                for cand, shapes in later_inputs[:1]:
+                    sec["other"] = {"input": in_shapes(cand), "out_shapes": shapes}
+                    check_second(sec["other"], model, pruned, gm, plan, cand, tol)
         done("second")
 
         stage("onnx")
@@ -1080,15 +1106,16 @@ def silently_wrong(r: dict[str, Any]) -> list[str]:
     why = []
     if r.get("status") == "oracle-mismatch":
         why.append(f"oracle {r.get('oracle_max_diff')}")
-    sec = r.get("second") or {}
-    if r.get("status") in PRUNED and sec.get("runs"):
+    first = r.get("second") or {}
+    for sec, at in ((first, "the second size"), (first.get("other") or {}, "another size")):
+        if r.get("status") not in PRUNED or not sec.get("runs"):
+            continue
         if sec.get("oracle_equal") is False:
-            why.append(f"second size oracle {sec.get('oracle_max_diff')}")
+            why.append(f"{at}: oracle {sec.get('oracle_max_diff')}")
         if sec.get("graph_equal") is False:
-            why.append(f"captured graph != model at the second size "
-                       f"({sec.get('graph_vs_model_diff')})")
+            why.append(f"captured graph != model at {at} ({sec.get('graph_vs_model_diff')})")
         if sec.get("shapes_equal") is False and not _data_dependent_shapes(r):
-            why.append("second size output shapes differ from the original's")
+            why.append(f"output shapes at {at} differ from the original's")
     if r.get("status") in PRUNED and r.get("pruned_out_shapes_equal") is False \
             and not _data_dependent_shapes(r):
         why.append("output shapes differ from the original's")
@@ -1131,6 +1158,10 @@ def summarize(zoo: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
           and (r.get("mac_reduction_pct") or 0) >= GOAL_MACS_PCT]
     exp = [r for r in pruned if r.get("capture") == "export"]
     exp_second = [r for r in exp if (r.get("second") or {}).get("runs")]
+    # refused the second size by name (a size export fixed: a branch on it) and ran at another
+    exp_refused = [r for r in exp if not r["second"].get("runs")
+                   and refused_by_guard(r["second"].get("error") or {})]
+    exp_other = [r for r in exp_refused if (r["second"].get("other") or {}).get("runs")]
     sec_tried = [r for r in pruned if (r.get("second") or {}).get("runs") is not None]
     sec_ok = [r for r in sec_tried if r["second"]["runs"]]
     onnx = Counter(r.get("onnx", "-") for r in pruned)
@@ -1162,6 +1193,9 @@ def summarize(zoo: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "mac_reduction_pct_median": round(statistics.median(macs), 2) if macs else None,
         "second_size_tried": len(sec_tried), "second_size_runs": len(sec_ok),
         "export_captured": len(exp), "export_captured_second_size_runs": len(exp_second),
+        "export_captured_refused_by_name": {r["model"]: r["second"]["error"]["first_line"]
+                                            for r in exp_refused},
+        "export_captured_refused_ran_other": len(exp_other),
         "onnx": dict(onnx), "returned": dict(ret),
         "failure_causes": dict(sorted(causes.items(), key=lambda kv: -len(kv[1]))),
         "tp": {"ran": len(tp_ran), "runs": len(tp_runs), "shapes_equal": len(tp_shape),
@@ -1188,7 +1222,10 @@ def goal_lines(s: dict[str, Any]) -> list[str]:
         f"({s['macs_ge_30pct_pct']}%)" + (" (goal >= 95% of timm families)" if s["zoo"] == "timm"
                                          else ""),
         f"export-captured models that run at a second size: "
-        f"{s['export_captured_second_size_runs']}/{s['export_captured']} (goal all); all pruned "
+        f"{s['export_captured_second_size_runs']}/{s['export_captured']} (goal all); refused "
+        f"it with an error naming the size or condition fixed by the capture: "
+        f"{len(s.get('export_captured_refused_by_name', {}))}, of which ran at another size "
+        f"(batch 3): {s.get('export_captured_refused_ran_other', 0)}; all pruned "
         f"models at a second size: {s['second_size_runs']}/{s['second_size_tried']}",
         f"Torch-Pruning: ran {s['tp']['ran']}/{s['tp']['of']}, its output runs "
         f"{s['tp']['runs']}, with the original's shapes {s['tp']['shapes_equal']}, at the second "
@@ -1223,7 +1260,9 @@ def markdown(data: dict[str, Any]) -> str:
         "", "MAC-%: MACs removed (structprune's count); hook-%: Conv/Linear MACs removed, "
         "measured with forward hooks (the same counter for both tools); 2nd: runs at the second "
         "size (batch 3, another size) and equals the masked original there (`=`), runs but "
-        "differs (`WRONG`), fails (`no`); cap: fx / export; ret: own class / gm (GraphModule); "
+        "differs (`WRONG`), fails (`no`), refused with an error naming the size or condition "
+        "its export capture fixed (`refused`; then `batch =`: runs at batch 3 and the example's "
+        "size, equal to the masked original); cap: fx / export; ret: own class / gm (GraphModule); "
         "TP: Torch-Pruning MetaPruner ratio 0.5 (`ok` ran and its output has the original's "
         "shapes, `shape` ran but the output shapes changed, `run` ran but the pruned model "
         "fails, `fail` it raised).", "",
@@ -1234,6 +1273,10 @@ def markdown(data: dict[str, Any]) -> str:
         sec = r.get("second") or {}
         if sec.get("runs") is None:
             s2 = "-"
+        elif not sec["runs"] and refused_by_guard(sec.get("error") or {}):
+            s2 = "refused" + ("; batch " + ("=" if sec["other"].get("oracle_equal") else "runs"
+                                            if sec["other"].get("runs") else "no")
+                              if sec.get("other") else "")
         elif not sec["runs"]:
             s2 = "no"
         elif sec.get("oracle_equal") is False or sec.get("graph_equal") is False \

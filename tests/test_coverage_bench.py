@@ -85,6 +85,29 @@ def test_silently_wrong_and_failures_are_classified_loudly(bench, plain_rows):
     assert md.count("**SILENTLY WRONG**") == 2 and "**1x** [capture] TraceError" in md
 
 
+def test_a_size_refused_by_name_is_counted_apart_and_its_other_size_checked(bench, plain_rows):
+    """An export-captured model that refuses the second size with structprune's own named
+    check is not counted as running there; the batch-only size it then runs at is checked
+    against the masked original like the first (a mismatch there is silently wrong)."""
+    refusal = {"type": "AssertionError", "first_line": "this pruned M was captured by "
+               "torch.export for inputs with x.size()[2] == 4, which these inputs break"}
+    base = dict(plain_rows[0], capture="export")
+    ok = dict(base, model="R", second=dict(base["second"], runs=False, error=refusal, other=dict(
+        base["second"], runs=True, oracle_equal=True)))
+    bad = dict(base, model="B", second=dict(ok["second"], other=dict(
+        base["second"], runs=True, oracle_equal=False, oracle_max_diff=0.3)))
+    crash = dict(base, model="C", second=dict(base["second"], runs=False, error={
+        "type": "RuntimeError", "first_line": "shape mismatch"}))
+    s = bench.summarize("plain", [ok, bad, crash])
+    assert s["export_captured"] == 3 and s["export_captured_second_size_runs"] == 0
+    assert set(s["export_captured_refused_by_name"]) == {"R", "B"}
+    assert s["export_captured_refused_ran_other"] == 2
+    assert set(s["silently_wrong_models"]) == {"B"}
+    assert "another size: oracle 0.3" in s["silently_wrong_models"]["B"][0]
+    md = bench.markdown({"summary": s, "results": [ok, crash]})
+    assert "| refused; batch = |" in md and "| no |" in md
+
+
 def test_worker_subprocess_writes_a_row(bench):
     args = argparse.Namespace(timeout=120.0, wall_factor=4.0, tol64=1e-5, tol32=1e-4, f32_above=50.0,
                               no_onnx=True, no_tp=True)
