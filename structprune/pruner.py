@@ -651,19 +651,23 @@ def _transplant(model: nn.Module, pruned: nn.Module,
         old.data = t.detach()
         old.grad = None
         changed.add(qual.rpartition(".")[0])
-    _sync_module_attributes(model, changed)
+    _sync_module_attributes(model, changed, pruned)
 
 
 class _ModuleOnly:
     """An apply context with only a module: enough for the module rules whose ``update`` reads
-    nothing but the module's own (already sliced) tensors (conv, linear, batch norm, ...)."""
+    nothing but the module's own (already sliced) tensors (conv, linear, batch norm, ...), and
+    the pruned graph that calls its tensors (``path`` is the module's name in it)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, path: str, graph: Optional[fx.GraphModule]) -> None:
         self.module = module
         self.node = None
+        self.path = path
+        self.graph = graph
 
 
-def _sync_module_attributes(model: nn.Module, paths: set[str]) -> None:
+def _sync_module_attributes(model: nn.Module, paths: set[str],
+                            graph: Optional[fx.GraphModule] = None) -> None:
     """Bring the attributes of the modules under ``paths`` (``out_channels``, ``num_features``)
     in line with their sliced tensors, through each module's rule (an export graph does not call
     the modules, so the apply pass did not). Rules that need the graph leave theirs as is."""
@@ -678,6 +682,6 @@ def _sync_module_attributes(model: nn.Module, paths: set[str]) -> None:
         rule = module_rule(mod, rules)
         if rule is not None:
             try:
-                rule.update(_ModuleOnly(mod))
+                rule.update(_ModuleOnly(mod, path, graph))
             except Exception:  # the rule reads the graph (GroupNorm): its attributes stay
                 pass

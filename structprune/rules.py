@@ -738,6 +738,14 @@ class ApplyContext:
         return map_record(s, lambda path, shape: tuple(
             n - len(self.dropped(Space.item(a.name, path, d))) for d, n in enumerate(shape)))
 
+    def emit(self, fn: Callable[..., Any], *args: Any) -> fx.Node:
+        """A new ``fn(*args)`` node right before this one (a size computed from traced sizes),
+        with its value computed now, as the pass has gone past where it is inserted."""
+        with self.node.graph.inserting_before(self.node):
+            new = self.node.graph.call_function(fn, args)
+        self._env[new] = fn(*self.value(args))
+        return new
+
     def set_arg(self, i: int, name: str, value: Any) -> None:
         """Replace positional argument ``i`` (or keyword ``name``) of the node's call."""
         n = self.node

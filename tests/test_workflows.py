@@ -240,3 +240,29 @@ def test_in_place_on_an_export_captured_model_updates_module_attributes():
     sp.prune_(m, torch.randn(2, 3, 10, 10), ratio=0.5)
     assert m.conv1.weight is w and w.shape[0] == 4
     assert (m.conv1.out_channels, m.bn.num_features, m.conv2.in_channels) == (4, 4, 4)
+
+
+def test_in_place_on_an_export_captured_grouped_conv_keeps_its_groups_right():
+    """2 groups of 4 channels go by position, so ``groups`` stays 2 and each group narrows:
+    the module's own forward runs after pruning in place and equals the pruned copy."""
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3)
+            self.conv2 = nn.Conv2d(8, 8, 3, groups=2)
+            self.conv3 = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            if x.shape[-1] > 4:  # export capture
+                x = x * 2
+            return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+
+    torch.manual_seed(0)
+    m = Grouped().eval()
+    x = torch.randn(2, 3, 10, 10)
+    copy_ = sp.prune(m, x, ratio=0.5)
+    sp.prune_(m, x, ratio=0.5)
+    conv2 = m.conv2
+    assert conv2.groups == 2 and conv2.in_channels == 4 and conv2.weight.shape[1] == 2
+    assert conv2.out_channels == conv2.weight.shape[0] == 4
+    torch.testing.assert_close(m(x), copy_(x))

@@ -158,10 +158,12 @@ def solve(table: SpaceTable, records: list[Record]) -> Solution:
 
     Options whose key is frozen even with no choice coupled at all are skipped first. Then all
     choices whose key came out frozen move to their next option together, for a few rounds,
-    keeping the configuration that freezes the fewest indices; finally, in graph order, single
-    frozen choices move one at a time until none can. Any outcome is correct (every option is a
-    valid coupling); the search only looks for the one that leaves the most to prune. The edges
-    of plain records and of each option are built once.
+    keeping the configuration that leaves the fewest indices unprunable (frozen, or in a space
+    left as one single unit). Then once more from there with every choice whose key is
+    unprunable on its free option with the largest key space. Finally, in graph order, single
+    frozen choices move one at a time until none can. Any outcome is correct (every option is
+    a valid coupling); the search only looks for the one that leaves the most to prune. The
+    edges of plain records and of each option are built once.
     """
     records = table.merge(records)
     choices = [r for r in records if isinstance(r, Choice)]
@@ -177,10 +179,8 @@ def solve(table: SpaceTable, records: list[Record]) -> Solution:
         """A choice's key space is frozen (an empty space has nothing to freeze)."""
         return key in table and table.size[key] > 0 and lab[table.offset[key]] == fz
 
-    for c in choices:
-        free = [k for k, (key, _) in enumerate(c.options)
-                if key in table and not key_frozen(key, label, frozen)]
-        c.chosen = free[0] if free else 0
+    free_options = [[k for k, (key, _) in enumerate(c.options)
+                     if key in table and not key_frozen(key, label, frozen)] for c in choices]
     option_edges: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     option_reasons: dict[Space, str] = {}
 
@@ -196,26 +196,70 @@ def solve(table: SpaceTable, records: list[Record]) -> Solution:
 
     weight = table.multiplicity()
 
+    nonempty = [c for c in table.classes if table.size[c[0]] > 0]
+    starts = np.array([table.offset[c[0]] for c in nonempty], dtype=np.int64)
+    sizes = np.array([table.size[c[0]] for c in nonempty], dtype=np.int64)
+
+    def one_unit(lab: np.ndarray) -> np.ndarray:
+        """Per element id: its space (of size > 1) has all its indices in one unit. Removing
+        that unit would remove the whole dim, so such a space cannot be pruned either."""
+        out = np.zeros(len(lab), dtype=bool)
+        if len(starts) and (sizes > 1).any():
+            lo = np.minimum.reduceat(lab, starts)
+            hi = np.maximum.reduceat(lab, starts)
+            # the non-empty blocks tile ids 1.. in order
+            out[1:] = np.repeat((sizes > 1) & (lo == hi), sizes)
+        return out
+
     def n_frozen_of(lab: np.ndarray, fz: int) -> int:
-        """Frozen indices over every space (a merged element counts once per space it is)."""
-        return int(weight[lab == fz].sum())
+        """Indices that cannot be pruned over every space (a merged element counts once per
+        space it is): frozen, or in a space left as one single unit."""
+        return int(weight[(lab == fz) | one_unit(lab)].sum())
 
     def stuck(lab: np.ndarray, fz: int) -> list[int]:
         return [i for i, c in enumerate(choices) if len(c.options) > 1
                 and key_frozen(c.options[c.chosen][0], lab, fz)]
 
-    best = None
-    for _ in range(2 * max(len(c.options) for c in choices) + 1):
-        label, frozen = run()
-        n_frozen = n_frozen_of(label, frozen)
-        if best is None or n_frozen < best[0]:
-            best = (n_frozen, [c.chosen for c in choices])
-        todo = stuck(label, frozen)
-        if not todo:
-            break
-        for i in todo:
-            c = choices[i]
-            c.chosen = (c.chosen + 1) % len(c.options)
+    def widest(c: Choice, free: list[int]) -> int:
+        return max(free, key=lambda k: (table.size.get(c.options[k][0], 0), -k))
+
+    def moves(lab: np.ndarray, fz: int) -> None:
+        """Rounds of moving every stuck choice to its next option, keeping the best."""
+        nonlocal best
+        for _ in range(2 * max(len(c.options) for c in choices) + 1):
+            n_frozen = n_frozen_of(lab, fz)
+            if best is None or n_frozen < best[0]:
+                best = (n_frozen, [c.chosen for c in choices])
+            todo = stuck(lab, fz)
+            if not todo:
+                break
+            for i in todo:
+                c = choices[i]
+                c.chosen = (c.chosen + 1) % len(c.options)
+            lab, fz = run()
+
+    best: Optional[tuple[int, list[int]]] = None
+    for c, free in zip(choices, free_options):
+        c.chosen = free[0] if free else 0
+    moves(*run())
+    # A second start: the choices whose key came out frozen or as one single unit move to
+    # their free option with the most units. ResNeSt's split attention views its channels as
+    # (radix, C) in several places that must all pick C together (with its grouped conv pruned
+    # by position within the groups), which no single move finds.
+    assert best is not None
+    for c, k in zip(choices, best[1]):
+        c.chosen = k
+    label, frozen = run()
+    dead = (label == frozen) | one_unit(label)
+    moved = False
+    for c, free in zip(choices, free_options):
+        key = c.options[c.chosen][0]
+        if free and key in table and table.size[key] and dead[table.offset[key]]:
+            k = widest(c, free)
+            moved |= k != c.chosen
+            c.chosen = k
+    if moved:
+        moves(*run())
     for c, k in zip(choices, best[1]):
         c.chosen = k
     # Steepest descent: try every other option of every stuck choice, take the single move that

@@ -433,7 +433,8 @@ class DependencyGraph:
                     and n.op != "call_module":
                 continue
             silent = [s for s in self._node_spaces(n) if reasons.get(s) == ""
-                      and s in self.table and self.table.size[s] and blocks([s])]
+                      and s in self.table and self.table.size[s] and blocks([s])
+                      and self.solution.is_frozen(self.table.ids(s, None)).all()]
             if silent:
                 rule = self.node_rules.get(n.name)
                 dims = ", ".join(str(s.dim) for s in silent)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..rules import (Address, Couple, CoupleContext, Freeze, OpRule, Record, Role, Space, aten_ops, extend,
                      node_arg, op_name, register)
 from .attention import SDPARule
-from .conv import FunctionalConvRule, _conv_macs, conv_couplings
+from .conv import FunctionalConvRule, _conv_macs, conv_couplings, update_groups
 from .elementwise import BroadcastRule, ReduceRule, SoftmaxRule, TypeAsRule, UnaryRule
 from .linear import EinsumRule, FunctionalLinearRule, MatmulRule
 from .norm import (FunctionalGroupNormRule, LayerNormRule, functional_stats, reduced_dims,
@@ -155,7 +155,7 @@ class AtenConvolutionRule(OpRule):
                                   transposed=transposed)
 
     def update(self, actx: Any) -> None:
-        _update_groups(actx, 8, bool(actx.value(_arg(actx.node, 6, "transposed", False))))
+        update_groups(actx, 8)
 
     def macs(self, mctx: Any) -> int:
         n = mctx.node
@@ -170,16 +170,6 @@ class AtenConvTransposeRule(FunctionalConvRule):
     dilation)`` (also ``F.conv_transpose2d``'s order); the weight is ``[C_in, C_out/g, *k]``."""
 
     transposed = True
-
-
-def _update_groups(actx: Any, pos: int, transposed: bool) -> None:
-    """Whole groups go: ``groups`` shrinks with the weight's grouped dim."""
-    node = actx.node
-    groups = actx.value(_arg(node, pos, "groups", 1))
-    if isinstance(groups, int) and groups > 1:
-        w = node.args[1]
-        old, new = actx.old_shape(w)[0], actx.new_shape(w)[0]
-        actx.set_arg(pos, "groups", groups * new // old)
 
 
 _BN_ROLES = ("norm", "bias", "stat", "stat")

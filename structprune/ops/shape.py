@@ -112,11 +112,23 @@ def view_couplings(ctx: CoupleContext, x: Any, out: Any) -> Iterator[Record]:
 
 
 def fix_sizes(actx: Any, sizes: Sequence[Any], expected: Sequence[int]) -> list[Any]:
-    """Size arguments with each literal or value that no longer matches replaced by the new size."""
+    """Size arguments with each literal or value that no longer matches replaced by the new size.
+
+    A literal becomes the new size. A traced size (``B * 12`` in an export graph whose batch
+    stays open) is scaled instead, ``B * 12 * new // old``, so it stays a function of the
+    input sizes: the pruned dim is a factor of it (a batch times a head count)."""
     out = []
     for a, e in zip(sizes, expected):
         v = actx.value(a)
-        out.append(a if (v == -1 or v == e) else int(e))
+        if v == -1 or v == e:
+            out.append(a)
+        elif isinstance(a, fx.Node) and isinstance(v, int) and v > 0 and e > 0:
+            g = math.gcd(int(e), v)
+            if int(e) // g > 1:
+                a = actx.emit(operator.mul, a, int(e) // g)
+            out.append(actx.emit(operator.floordiv, a, v // g) if v // g > 1 else a)
+        else:
+            out.append(int(e))
     return out
 
 

@@ -480,3 +480,37 @@ def test_dropout_in_a_list_of_parameterless_modules_is_restored():
     pruned.train()
     torch.manual_seed(1)
     assert (pruned(x) != pruned(x)).any()  # dropout is live in train mode
+
+
+class BatchTimesHeads(nn.Module):
+    """SAM-style attention: q, k, v reshaped to ``(B * heads, T, D)``; the branch on T makes
+    fx fail, so export captures it with the batch open (``B * 4`` is a traced size)."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        if t % 2:
+            x, t = x[:, :-1], t - 1
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * self.heads, t, -1).unbind(0)
+        out = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(out.view(b, self.heads, t, -1).permute(0, 2, 1, 3).reshape(b, t, -1))
+
+
+def test_a_traced_size_holding_the_batch_is_scaled_not_baked():
+    """Pruning heads changes ``B * 4`` to ``B * 2``: the size is rewritten as ``B * 4 // 2``,
+    not as the example's number (which ran only at batch 2 and failed deep inside at batch 3)."""
+    torch.manual_seed(0)
+    model = randomize_(BatchTimesHeads()).double().eval()
+    x = img(2, 6, 16)
+    pruner = sp.Pruner(model, x, ratio=0.5, ignore=[model.proj])
+    plan = pruner.plan()
+    pruned = pruner.apply(plan)
+    assert pruned.meta["structprune_capture"] == "export"
+    assert pruned.qkv.weight.shape[0] == 24  # 2 of 4 heads
+    for other in (x, img(3, 6, 16), img(5, 8, 16)):
+        assert max_rel_diff(pruned(other), masked_output(pruner.graph, plan, other)) < 1e-12

@@ -501,3 +501,48 @@ def test_cat_skips_a_one_dimensional_empty_tensor():
     want = F.linear(F.relu(F.linear(x, m.a.weight[keep], m.a.bias[keep])), m.b.weight[:, keep],
                     m.b.bias)
     torch.testing.assert_close(pruned(x), want)
+
+
+class SplitAttention(nn.Module):
+    """ResNeSt's split attention in plain torch: a grouped conv (2 groups = radix) whose 2C
+    outputs are viewed as (radix, C), summed over the radix for a gate, and gated per radix."""
+
+    def __init__(self, c_in=6, c=8, radix=2):
+        super().__init__()
+        self.radix = radix
+        self.conv = nn.Conv2d(c_in, c * radix, 3, padding=1, groups=radix)
+        self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c * radix, 1)
+
+    def forward(self, x):
+        x = self.conv(x).relu()
+        b, rc, h, w = x.shape
+        x = x.reshape(b, self.radix, rc // self.radix, h, w)
+        gap = x.sum(1).mean((2, 3), keepdim=True)
+        attn = self.fc2(self.fc1(gap).relu()).view(b, 1, self.radix, -1).transpose(1, 2)
+        attn = attn.softmax(1).reshape(b, -1).view(b, self.radix, -1, 1, 1)
+        return (x * attn).sum(1)
+
+
+def test_grouped_conv_drops_a_position_in_every_group():
+    """A grouped conv with few wide groups is pruned by position within the groups: ResNeSt's
+    split attention keeps its 2 groups (the radix) and narrows C, with the (radix, C) views of
+    the gate following (before, its channels merged into one unit and nothing was pruned)."""
+    model = f64(nn.Sequential(nn.Conv2d(3, 6, 1), SplitAttention(), nn.Conv2d(8, 2, 1)))
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    graph = sp.trace(model, x)
+    conv_out = next(g for g in graph.groups() if {"1.conv.weight", "1.fc1.weight"}
+                    <= {m.qualname for m in g.params})
+    assert conv_out.num_units == 8 and conv_out.width == 2  # C: one channel of both groups
+    pruned = assert_rule(model, x, drop={"1.conv": [3], "0": [1]})  # C index 3; input position 1
+    keep_c = torch.tensor([0, 1, 2, 4, 5, 6, 7])
+    keep_out = torch.cat([keep_c, keep_c + 8])
+    keep_in = torch.tensor([0, 2, 3, 5])  # position 1 of the 2 groups of 3 inputs: 1 and 4
+    ref = nn.Sequential(nn.Conv2d(3, 4, 1), SplitAttention(4, 7), nn.Conv2d(7, 2, 1))
+    copy_sliced(ref.double().eval(), model, {
+        "0.weight": (0, keep_in), "0.bias": (0, keep_in),
+        "1.conv.weight": [(0, keep_out), (1, torch.tensor([0, 2]))], "1.conv.bias": (0, keep_out),
+        "1.fc1.weight": (1, keep_c), "1.fc2.weight": (0, keep_out), "1.fc2.bias": (0, keep_out),
+        "2.weight": (1, keep_c)})
+    torch.testing.assert_close(pruned(x), ref(x))
+    assert pruned.get_submodule("1.conv").groups == 2
+    assert pruned.get_submodule("1.conv").in_channels == 4

@@ -68,14 +68,29 @@ def post_sliced(m, h, keep_in):
 # ------------------------------------------------------------------------------- convolution
 def test_aten_convolution_grouped_drops_a_whole_group():
     m = f64(Wrap(lambda s, h: aten.convolution.default(
+        h, s.g.weight, s.g.bias, [1, 1], [1, 1], [1, 1], False, [0, 0], 4),
+        g=nn.Conv2d(8, 8, 3, padding=1, groups=4)))
+    x = img()
+    pruned = assert_rule(m, x, drop={"pre": [1]})  # input channel 1 is in group 0 (0, 1)
+    k = others(8, 0, 1)
+    h = F.conv2d(pre_sliced(m, x, k), m.g.weight[k], m.g.bias[k], padding=1, groups=3)
+    torch.testing.assert_close(pruned(x), post_sliced(m, h, k))
+    assert node_args(pruned, aten.convolution.default)[8] == 3
+
+
+def test_aten_convolution_grouped_drops_a_position_in_every_group():
+    """2 groups of 4 channels: more units by position (4) than by whole groups (2), so input
+    channel 1 goes with channel 5 (position 1 of both groups), the outputs stay and so does
+    ``groups``; each group reads one channel less."""
+    m = f64(Wrap(lambda s, h: aten.convolution.default(
         h, s.g.weight, s.g.bias, [1, 1], [1, 1], [1, 1], False, [0, 0], 2),
         g=nn.Conv2d(8, 8, 3, padding=1, groups=2)))
     x = img()
-    pruned = assert_rule(m, x, drop={"pre": [1]})  # input channel 1 is in group 0 (0..3)
-    k = others(8, 0, 1, 2, 3)
-    h = F.conv2d(pre_sliced(m, x, k), m.g.weight[k], m.g.bias[k], padding=1, groups=1)
-    torch.testing.assert_close(pruned(x), post_sliced(m, h, k))
-    assert node_args(pruned, aten.convolution.default)[8] == 1
+    pruned = assert_rule(m, x, drop={"pre": [1]})
+    k = others(8, 1, 5)
+    h = F.conv2d(pre_sliced(m, x, k), m.g.weight[:, [0, 2, 3]], m.g.bias, padding=1, groups=2)
+    torch.testing.assert_close(pruned(x), post_sliced(m, h, torch.arange(8)))
+    assert tuple(pruned.g.weight.shape) == (8, 3, 3, 3)  # the literal groups=2 holds
 
 
 def test_aten_convolution_transposed():
