@@ -182,8 +182,13 @@ def _time_budget(seconds: float) -> Iterator[None]:
 
 
 def _export_strict(model: nn.Module, args: tuple, kwargs: dict, dynamic: Any) -> Any:
+    """Strict export on copies of the example tensors: TorchDynamo marks the tensors it was
+    given as dynamic (``_dynamo_weak_dynamic_indices``), and a later export of the same tensors
+    (the example's sizes, the last attempt) would then solve for open sizes again."""
     import torch._dynamo
+    import torch.utils._pytree as pytree
 
+    args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, (tuple(args), kwargs))
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
         try:
             with _time_budget(STRICT_EXPORT_SECONDS):

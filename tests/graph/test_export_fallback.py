@@ -514,3 +514,27 @@ def test_a_traced_size_holding_the_batch_is_scaled_not_baked():
     assert pruned.qkv.weight.shape[0] == 24  # 2 of 4 heads
     for other in (x, img(3, 6, 16), img(5, 8, 16)):
         assert max_rel_diff(pruned(other), masked_output(pruner.graph, plan, other)) < 1e-12
+
+
+def test_the_strict_attempt_leaves_the_example_tensors_unmarked(monkeypatch):
+    """TorchDynamo marks the tensors a strict export is given as dynamic; it gets copies, so
+    the user's example tensors stay as they were and the last attempt (the example's sizes)
+    is not turned back into an open-size export (timm's CPUBone then failed in sympy)."""
+    real = torch.export.export
+    seen = []
+
+    def export(model, args, kwargs=None, *, strict=False, dynamic_shapes=None, **kw):
+        if strict:
+            seen.append(args[0])
+            torch._dynamo.mark_dynamic(args[0], 0)  # what an interrupted strict run leaves
+            raise RuntimeError("strict fails")
+        if dynamic_shapes is not None:
+            raise RuntimeError("non-strict with open sizes fails")
+        return real(model, args, kwargs, strict=False)
+
+    monkeypatch.setattr(torch.export, "export", export)
+    model, x = build("int_sizes")
+    gm = sp.trace(model, x).graph_module
+    assert gm.meta["structprune_capture"] == "export"
+    assert seen and seen[0] is not x and torch.equal(seen[0], x)
+    assert not any(k.startswith("_dynamo") for k in vars(x))
