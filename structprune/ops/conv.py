@@ -65,12 +65,11 @@ def conv_couplings(ctx: CoupleContext, x: Any, w: Any, bias: Optional[Space], gr
              Freeze(w_group, "a grouped conv pruned by whole groups keeps each group's width")]
     # By position: channel j of every group is one unit, on either side; the weight's
     # per-group dim follows the positions of the channels it reads (or, transposed, writes).
-    position = [Couple(flat_ch, flat_ch, np.arange(groups * flat_g), np.arange(groups * flat_g)
-                       % flat_g),
-                Couple(group_ch, group_ch, np.arange(groups * group_g),
-                       np.arange(groups * group_g) % group_g),
-                Couple(group_ch, w_group, np.arange(groups * group_g),
-                       np.arange(groups * group_g) % group_g)]
+    flat_pos, group_pos = np.arange(c_in if transposed else c_out), np.arange(
+        c_out if transposed else c_in)
+    position = [Couple(flat_ch, flat_ch, flat_pos, flat_pos % flat_g),
+                Couple(group_ch, group_ch, group_pos, group_pos % group_g),
+                Couple(group_ch, w_group, group_pos, group_pos % group_g)]
     options = [(o_ch, whole), (o_ch, position)]
     yield Choice(options[::-1] if min(in_g, out_g) > groups else options)
 

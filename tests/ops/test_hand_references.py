@@ -546,3 +546,17 @@ def test_grouped_conv_drops_a_position_in_every_group():
     torch.testing.assert_close(pruned(x), ref(x))
     assert pruned.get_submodule("1.conv").groups == 2
     assert pruned.get_submodule("1.conv").in_channels == 4
+
+
+def test_grouped_conv_transpose_drops_a_position_in_every_group():
+    model = f64(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2),
+                              nn.Conv2d(8, 2, 1)))
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    pruned = assert_rule(model, x, drop={"0": [1]})  # input position 1 of both groups: 1 and 5
+    keep = torch.tensor([0, 2, 3, 4, 6, 7])
+    ref = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ConvTranspose2d(6, 8, 2, stride=2, groups=2),
+                        nn.Conv2d(8, 2, 1))
+    copy_sliced(ref.double().eval(), model, {"0.weight": (0, keep), "0.bias": (0, keep),
+                                            "1.weight": (0, keep)})
+    torch.testing.assert_close(pruned(x), ref(x))
+    assert pruned.get_submodule("1").groups == 2 and pruned.get_submodule("1").in_channels == 6
