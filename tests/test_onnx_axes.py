@@ -42,3 +42,31 @@ def test_dynamic_axes_errors_name_the_input(tmp_path):
         sp.export_onnx(Gather(), (x, ei), str(tmp_path / "g.onnx"), dynamic_axes={"y": {0: "n"}})
     with pytest.raises(ExportError, match="has no dim 2"):
         sp.export_onnx(Gather(), (x, ei), str(tmp_path / "g.onnx"), dynamic_axes={1: {2: "n"}})
+
+
+def test_a_file_the_onnx_checker_rejects_falls_back_to_the_other_exporter(tmp_path, monkeypatch):
+    """An exporter that writes an invalid file (the dynamo exporter on timm's Gemma4 ViT: a
+    node reads a value no earlier node makes) is a failed attempt: the other exporter runs."""
+    from onnx import TensorProto, helper
+
+    import structprune.export.onnx as sp_onnx
+
+    real = sp_onnx._export
+
+    def export(m, args, path, ex, axes, names):
+        if ex == "torchscript":  # an invalid graph: Relu reads 'missing'
+            node = helper.make_node("Relu", ["missing"], ["y"])
+            graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+                "input_0", TensorProto.FLOAT, [5, 4])], [helper.make_tensor_value_info(
+                    "y", TensorProto.FLOAT, [5, 4])])
+            onnx.save(helper.make_model(graph), path)
+            return
+        real(m, args, path, ex, axes, names)
+
+    monkeypatch.setattr(sp_onnx, "_export", export)
+    x = torch.randn(5, 4)
+    res = sp.export_onnx(nn.Linear(4, 3), (x,), str(tmp_path / "m.onnx"), check=True)
+    assert res.exporter == "dynamo"
+    with pytest.raises(ExportError, match="fails onnx's checker"):
+        sp.export_onnx(nn.Linear(4, 3), (x,), str(tmp_path / "m.onnx"), exporter="torchscript",
+                       check=True)

@@ -266,7 +266,11 @@ def _check(m: nn.Module, args: tuple, path: str, rtol: float, atol: float, expor
 
     from ..oracle import flatten_outputs
 
-    onnx.checker.check_model(onnx.load(path))
+    try:
+        onnx.checker.check_model(onnx.load(path))
+    except onnx.checker.ValidationError as exc:  # an exporter's invalid file: try the next
+        raise ExportError(f"{exporter}: the file fails onnx's checker: "
+                          f"{(str(exc).splitlines() or [''])[0]}") from None
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)
              if isinstance(a, torch.Tensor)}
