@@ -378,7 +378,11 @@ class AtenSliceRule(OpRule):
         if node.target is aten.narrow.default:
             node.args = (x, _arg(node, 1, "dim", 0), new_start, kept)
         else:
-            node.args = (x, _arg(node, 1, "dim", 0), new_start, new_start + kept, 1)
+            # a slice to the end stays one (its dim may be an open size: batch x heads)
+            end = _arg(node, 3, "end", None)
+            to_end = end is None or (isinstance(end, int) and end > sx[dim])
+            node.args = (x, _arg(node, 1, "dim", 0), new_start,
+                         end if to_end else new_start + kept, 1)
         node.kwargs = {}
 
 
