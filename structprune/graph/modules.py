@@ -71,7 +71,10 @@ def plain_module(gm: fx.GraphModule) -> fx.GraphModule:
 def _drop_unused(graph: fx.Graph) -> None:
     """Remove pure nodes nobody reads (e.g. attention weights an MHA caller discards).
 
-    In-place ops (``add_``, ``operator.iadd``) and module calls are kept whatever their users.
+    In-place ops (``add_``, ``operator.iadd``) and module calls are kept whatever their users,
+    and so are calls of functions from outside torch (an ``fx.wrap``-ed helper such as
+    torchvision MViT's ``_add_shortcut``, which adds into its argument in place and returns
+    nothing anyone reads: dropping it computed another model).
     """
     changed = True
     while changed:
@@ -86,8 +89,19 @@ def _drop_unused(graph: fx.Graph) -> None:
                 continue
             if n.op == "call_function" and n.target in (operator.setitem, torch._assert):
                 continue  # side effects: a write, an argument guard (graph/inputs.py)
+            if n.op == "call_function" and not _known_pure(n.target):
+                continue
             graph.erase_node(n)
             changed = True
+
+
+def _known_pure(fn: Any) -> bool:
+    """Whether ``fn`` is torch's, an operator or a builtin (no side effects but in-place ones,
+    which :func:`_drop_unused` checks by name), not a user's or a library's own function."""
+    if isinstance(fn, torch._ops.OpOverload):
+        return True
+    module = getattr(fn, "__module__", None) or ""
+    return module.split(".")[0] in ("torch", "operator", "_operator", "builtins", "math")
 
 
 _INPLACE_OPERATORS = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
