@@ -668,25 +668,17 @@ def _in_parts(rec: dict, pruner: Any, model: Any, inputs: Any, second: Any, tol:
     sec = rec["second"]
     if second is None:
         sec["runs"] = None
-    else:
+    elif run_second(sec, pruned, second) is not None:
         try:
-            got2 = call(pruned, second)
-            sec["runs"] = True
-            sec["shapes_equal"] = out_shapes(got2) == sec["out_shapes"]
+            got2, got2_parts = parts_outputs(pruned, paths, second)
+            want2: dict[str, list] = {}
+            sec["final_output_diff"] = max_rel_diff(got2, parts_masked_output(
+                model, info, second, want2))
+            sec["oracle_max_diff"] = max((max_rel_diff(got2_parts[p], want2.get(p, []))
+                                          for p in paths), default=0.0)
+            sec["oracle_equal"] = bool(sec["oracle_max_diff"] <= tol)
         except Exception as e:
-            sec["runs"] = False
-            sec["error"] = tb_info(e)
-        if sec["runs"]:
-            try:
-                got2, got2_parts = parts_outputs(pruned, paths, second)
-                want2: dict[str, list] = {}
-                sec["final_output_diff"] = max_rel_diff(got2, parts_masked_output(
-                    model, info, second, want2))
-                sec["oracle_max_diff"] = max((max_rel_diff(got2_parts[p], want2.get(p, []))
-                                              for p in paths), default=0.0)
-                sec["oracle_equal"] = bool(sec["oracle_max_diff"] <= tol)
-            except Exception as e:
-                sec["oracle_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            sec["oracle_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     done("second")
     stage("onnx")
     onnx_check(rec, pruned, inputs)
@@ -712,6 +704,20 @@ def refused_by_guard(error: dict) -> bool:
         error.get("first_line"))
 
 
+def run_second(sec: dict, pruned: Any, inputs: Any) -> Any:
+    """Run ``pruned`` on ``inputs`` of another size; ``sec`` gets runs / shapes_equal / error.
+    Returns the output, or None when it raised."""
+    try:
+        got = call(pruned, inputs)
+    except Exception as e:
+        sec["runs"] = False
+        sec["error"] = tb_info(e)
+        return None
+    sec["runs"] = True
+    sec["shapes_equal"] = out_shapes(got) == sec["out_shapes"]
+    return got
+
+
 def check_second(sec: dict, model: Any, pruned: Any, gm: Any, plan: Any, inputs: Any,
                  tol: float) -> None:
     """Run ``pruned`` on ``inputs`` of another size and compare it with the masked original;
@@ -722,13 +728,8 @@ def check_second(sec: dict, model: Any, pruned: Any, gm: Any, plan: Any, inputs:
     from structprune.graph.shapes import placeholder_values
     from structprune.oracle import MaskedInterpreter, masked_output, max_rel_diff
 
-    try:
-        got2 = call(pruned, inputs)
-        sec["runs"] = True
-        sec["shapes_equal"] = out_shapes(got2) == sec["out_shapes"]
-    except Exception as e:
-        sec["runs"] = False
-        sec["error"] = tb_info(e)
+    got2 = run_second(sec, pruned, inputs)
+    if got2 is None:
         return
     # the masked original at the second size, and the captured graph vs the model
     try:
