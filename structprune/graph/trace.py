@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -30,6 +31,19 @@ class Tracer(fx.Tracer):
         self.user_leaves = tuple(leaf_modules)
         self._sp_path_stack: list[str] = []
         self._sp_failed_at: Optional[str] = None
+
+    def trace(self, root: Any, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
+        """fx's trace, leaving ``root``'s buffers as they were: fx hands the traced forward the
+        real buffers, and code that updates one in place runs for real (timm's BatchNormAct2d
+        in train mode counts ``num_batches_tracked.add_(1)``)."""
+        buffers = [(b, b.clone()) for b in root.buffers()] if isinstance(root, nn.Module) else []
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    if not torch.equal(b, saved):
+                        b.copy_(saved)
 
     def _is_user_leaf(self, m: nn.Module) -> bool:
         return any(m is leaf or (isinstance(leaf, type) and isinstance(m, leaf))

@@ -39,3 +39,29 @@ def test_an_unread_call_of_a_wrapped_function_stays_in_the_graph():
     # the helper has no rule: what it reads and writes stays whole, with that reason
     assert any("no rule for" in e.reason and "_add_into" in e.reason
                for e in sp.trace(model, x).frozen())
+
+
+class CountsBatches(nn.Module):
+    """timm's BatchNormAct2d: in train mode its forward counts batches in a buffer, in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.seen.add_(1)
+        return self.out(self.a(x).relu())
+
+
+def test_tracing_leaves_the_models_buffers_as_they_were():
+    """fx gives a traced forward the real buffers; the trace in the other mode (to find
+    modules a mode leaves out) and a trace in train mode ran that ``add_`` for real."""
+    x = torch.randn(4, 6)
+    model = CountsBatches().eval()
+    sp.prune(model, x, ratio=0.5)
+    assert int(model.seen) == 0
+    model.train()
+    sp.trace(model, x)
+    assert int(model.seen) == 0
