@@ -614,8 +614,6 @@ def _in_parts(rec: dict, pruner: Any, model: Any, inputs: Any, second: Any, tol:
               whole: BaseException, stage: Callable, done: Callable) -> None:
     """Fill the row of a model that does not capture whole: ``Pruner.run`` prunes it in parts;
     the oracle is the whole model with each part's masked graph in place of the part."""
-    import torch
-
     from structprune.oracle import max_rel_diff
     from structprune.partial import parts_macs
 
@@ -642,12 +640,7 @@ def _in_parts(rec: dict, pruner: Any, model: Any, inputs: Any, second: Any, tol:
     before, after = parts_macs(model, pruned, inputs)
     rec.update(macs_before=before, macs_after=after,
                mac_reduction_pct=round(100.0 * (1 - after / before), 2) if before else None)
-    rec["params_after"] = sum(p.numel() for p in pruned.parameters())
-    applied = getattr(pruner, "applied", None)
-    rec["returned"] = {"type": type(pruned).__name__,
-                       "graph_module": isinstance(pruned, torch.fx.GraphModule),
-                       "own_class": type(pruned) is type(model),
-                       "reason": getattr(applied, "reason", None)}
+    record_returned(rec, pruner, pruned, model)
     done("plan")
     stage("oracle")
     # Each pruned part's outputs in one whole forward of the pruned model against the masked
@@ -695,6 +688,17 @@ def _write(rec: dict, path: Optional[str]) -> None:
         with open(path + ".tmp", "w") as f:
             json.dump(rec, f, default=str)
         os.replace(path + ".tmp", path)
+
+
+def record_returned(rec: dict, pruner: Any, pruned: Any, model: Any) -> None:
+    """What sp.prune handed back: its parameter count, its type and why that type."""
+    import torch
+
+    rec["params_after"] = sum(p.numel() for p in pruned.parameters())
+    rec["returned"] = {"type": type(pruned).__name__,
+                       "graph_module": isinstance(pruned, torch.fx.GraphModule),
+                       "own_class": type(pruned) is type(model),
+                       "reason": getattr(getattr(pruner, "applied", None), "reason", None)}
 
 
 def refused_by_guard(error: dict) -> bool:
@@ -852,12 +856,7 @@ def run_case(case: Case, tol64: float = 1e-5, tol32: float = 1e-4, f32_above_m: 
 
         stage("apply")
         pruned = pruner.apply(plan)
-        applied = getattr(pruner, "applied", None)
-        rec["params_after"] = sum(p.numel() for p in pruned.parameters())
-        rec["returned"] = {"type": type(pruned).__name__,
-                           "graph_module": isinstance(pruned, torch.fx.GraphModule),
-                           "own_class": type(pruned) is type(model),
-                           "reason": getattr(applied, "reason", None)}
+        record_returned(rec, pruner, pruned, model)
         done("apply")
 
         stage("oracle")
